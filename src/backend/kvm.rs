@@ -1,0 +1,1 @@
+//! kvm backend (being written)

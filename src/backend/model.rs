@@ -1,0 +1,1 @@
+//! model backend (being written)

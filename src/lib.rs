@@ -1,0 +1,11 @@
+//! guest-clock: keep a KVM guest's clocks (kvmclock and every vCPU's TSC) preserved across live
+//! update and live migration.
+//!
+//! Clocks advance themselves; a VMM never "advances" them, it *restores* the relationships that
+//! held before: on a live update the identical kvmclock function and TSC offsets, on a live
+//! migration "kvmclock was K at wallclock W" and "vCPU n's TSC was Tₙ at kvmclock Kₙ".
+
+pub mod backend;
+pub mod math;
+
+pub use guest_clock_format as format;

@@ -1,0 +1,1 @@
+//! clock math (being written)
