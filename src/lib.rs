@@ -9,3 +9,9 @@ pub mod backend;
 pub mod math;
 
 pub use guest_clock_format as format;
+pub mod capture;
+pub mod manager;
+pub mod restore;
+pub mod signal;
+
+pub use manager::{clock_state_from_snapshot, ClockManager, CLOCK_SNAPSHOT_ID};

@@ -1,0 +1,222 @@
+//! `ClockManager`: the plugin as a VMM sees it, on the vm-migration traits.
+//!
+//! - `Pausable::pause` captures the clock section (call it once the vCPUs are paused);
+//!   `Pausable::resume` leaves the clocks alone: kvmclock and the TSCs kept running in KVM, so a
+//!   source that resumes after an abandoned migration continues with zero error.
+//! - `Snapshottable`: id `"clock"`; the snapshot carries the framed, CRC-protected, versioned
+//!   section (`SnapshotData::new_from_versioned_state`); `restore` restores from it.
+//! - `Transportable`: `file://` URLs, through vm-migration's helpers.
+//! - `Migratable`: the clocks have no dirty memory; the defaults apply.
+
+use std::sync::Arc;
+
+use guest_clock_format::{ClockState, FramedClockState};
+use log::{info, warn};
+use versionize::{VersionMap, Versionize, VersionizeResult};
+use vm_migration::{
+    Migratable, MigratableError, Pausable, Snapshot, SnapshotData, Snapshottable, Transportable,
+    VersionMapped,
+};
+
+use crate::backend::ClockBackend;
+use crate::capture::{capture, CaptureError};
+use crate::restore::{restore, RestoreError, RestoreOptions, RestoreReport};
+use crate::signal::{VmclockMemory, VmclockWriter};
+
+/// The id of the clock section in a VMM's snapshot tree.
+pub const CLOCK_SNAPSHOT_ID: &str = "clock";
+
+/// The section as a versionize type with our version map, for `SnapshotData`.
+struct ClockSection(FramedClockState);
+
+impl Versionize for ClockSection {
+    fn serialize<W: std::io::Write>(
+        &self,
+        writer: &mut W,
+        version_map: &VersionMap,
+        app_version: u16,
+    ) -> VersionizeResult<()> {
+        self.0.serialize(writer, version_map, app_version)
+    }
+    fn deserialize<R: std::io::Read>(
+        reader: &mut R,
+        version_map: &VersionMap,
+        app_version: u16,
+    ) -> VersionizeResult<Self> {
+        FramedClockState::deserialize(reader, version_map, app_version).map(ClockSection)
+    }
+    fn version() -> u16 {
+        FramedClockState::version()
+    }
+}
+
+impl VersionMapped for ClockSection {
+    fn version_map() -> VersionMap {
+        guest_clock_format::version_map()
+    }
+}
+
+/// Decode and validate the clock section of a snapshot tree (the root's child `"clock"`, or the
+/// snapshot itself when it is the clock's). Needs no VM: a VMM calls it before creating vCPUs.
+pub fn clock_state_from_snapshot(snapshot: &Snapshot) -> Result<ClockState, MigratableError> {
+    let own = snapshot
+        .snapshots
+        .get(CLOCK_SNAPSHOT_ID)
+        .unwrap_or(snapshot);
+    let data = own.snapshot_data.as_ref().ok_or_else(|| {
+        MigratableError::Restore(
+            format!("snapshot has no '{CLOCK_SNAPSHOT_ID}' section data").into(),
+        )
+    })?;
+    let section: ClockSection = data.to_versioned_state()?;
+    Ok(section.0 .0)
+}
+
+/// Owns a VM's clock backend; captures at pause, restores on the receiver.
+pub struct ClockManager {
+    backend: Arc<dyn ClockBackend>,
+    vmclock: Option<Arc<dyn VmclockMemory>>,
+    options: RestoreOptions,
+    captured: Option<ClockState>,
+    last_report: Option<RestoreReport>,
+    paused: bool,
+}
+
+impl ClockManager {
+    /// A manager over `backend`.
+    pub fn new(backend: Arc<dyn ClockBackend>) -> Self {
+        ClockManager {
+            backend,
+            vmclock: None,
+            options: RestoreOptions::default(),
+            captured: None,
+            last_report: None,
+            paused: false,
+        }
+    }
+
+    /// Give the manager the guest's vmclock page; it is initialised (marker 0) unless it already
+    /// carries the vmclock magic.
+    pub fn with_vmclock(mut self, mem: Arc<dyn VmclockMemory>) -> Self {
+        let writer = VmclockWriter::new(mem.as_ref());
+        let initialised = writer
+            .view()
+            .ok()
+            .zip(read_magic(mem.as_ref()))
+            .is_some_and(|(_, m)| m == crate::signal::VMCLOCK_MAGIC);
+        if !initialised {
+            if let Err(e) = writer.init(0) {
+                warn!("vmclock page not initialised: {e}");
+            }
+        }
+        self.vmclock = Some(mem);
+        self
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn ClockBackend> {
+        &self.backend
+    }
+
+    /// Options for the next restore (mode override, skew injection for demos...).
+    pub fn set_restore_options(&mut self, options: RestoreOptions) {
+        self.options = options;
+    }
+
+    /// The section captured at the last pause.
+    pub fn captured(&self) -> Option<&ClockState> {
+        self.captured.as_ref()
+    }
+
+    /// The report of the last restore.
+    pub fn last_report(&self) -> Option<&RestoreReport> {
+        self.last_report.as_ref()
+    }
+
+    /// The vmclock marker the guest currently sees (0 without a page).
+    pub fn vmclock_marker(&self) -> u64 {
+        self.vmclock
+            .as_ref()
+            .and_then(|m| VmclockWriter::new(m.as_ref()).view().ok())
+            .map_or(0, |v| v.disruption_marker)
+    }
+
+    /// Capture now (the vCPUs must be paused).
+    pub fn capture_now(&mut self) -> Result<ClockState, CaptureError> {
+        let state = capture(self.backend.as_ref(), self.vmclock_marker())?;
+        self.captured = Some(state.clone());
+        Ok(state)
+    }
+
+    /// Restore `state` into this manager's VM with the configured options.
+    pub fn restore_state(&mut self, state: &ClockState) -> Result<RestoreReport, RestoreError> {
+        let report = restore(
+            self.backend.as_ref(),
+            state,
+            &self.options,
+            self.vmclock.as_deref(),
+        )?;
+        self.last_report = Some(report.clone());
+        Ok(report)
+    }
+}
+
+fn read_magic(mem: &dyn VmclockMemory) -> Option<u32> {
+    let mut b = [0u8; 4];
+    mem.read_bytes(crate::signal::offsets::MAGIC, &mut b).ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
+impl Pausable for ClockManager {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        if self.paused {
+            return Ok(());
+        }
+        self.capture_now()
+            .map_err(|e| MigratableError::Pause(e.to_string().into()))?;
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        // Nothing to do to the clocks: they kept running in KVM while the vCPUs were paused.
+        self.paused = false;
+        info!("clock: resumed, clocks untouched");
+        Ok(())
+    }
+}
+
+impl Snapshottable for ClockManager {
+    fn id(&self) -> String {
+        CLOCK_SNAPSHOT_ID.to_string()
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        let state = match &self.captured {
+            Some(s) if self.paused => s.clone(),
+            _ => {
+                return Err(MigratableError::Snapshot(
+                    "clock: pause the VM before taking a snapshot"
+                        .to_string()
+                        .into(),
+                ))
+            }
+        };
+        let data = SnapshotData::new_from_versioned_state(&ClockSection(FramedClockState(state)))?;
+        Ok(Snapshot {
+            snapshots: Default::default(),
+            snapshot_data: Some(data),
+        })
+    }
+
+    fn restore(&mut self, snapshot: Snapshot) -> Result<(), MigratableError> {
+        let state = clock_state_from_snapshot(&snapshot)?;
+        self.restore_state(&state)
+            .map_err(|e| MigratableError::Restore(e.to_string().into()))?;
+        Ok(())
+    }
+}
+
+impl Transportable for ClockManager {}
+
+impl Migratable for ClockManager {}
