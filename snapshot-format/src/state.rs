@@ -117,6 +117,8 @@ pub struct ClockState {
     pub capture_uncertainty_ns: u64,
 }
 
+// versionize_derive does not accept `#[default]` on enum variants, so this stays hand-written.
+#[allow(clippy::derivable_impls)]
 impl Default for CaptureKind {
     fn default() -> Self {
         CaptureKind::KvmClockData

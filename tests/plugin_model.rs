@@ -1,0 +1,393 @@
+//! The plugin end to end on the model backend: live update, migration, drift, fallbacks,
+//! refusals. The source VM stays alive in the model world after the "switch-over", so it is the
+//! oracle: a perfectly preserved guest reads exactly what the source would have read.
+
+use std::sync::Arc;
+
+use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
+use guest_clock::backend::{ClockBackend, PVCLOCK_GUEST_STOPPED};
+use guest_clock::capture::capture;
+use guest_clock::format::CaptureKind;
+use guest_clock::restore::{restore, RestoreError, RestoreMode, RestoreOptions};
+use guest_clock::signal::{HostVmclockMemory, VmclockWriter, VMCLOCK_STATUS_UNRELIABLE};
+use guest_clock::ClockManager;
+use vm_migration::{Pausable, Snapshottable};
+
+const SRC_KHZ: u32 = 2_445_404;
+const DST_KHZ: u32 = 3_000_000;
+
+fn host(time: &ModelTime, khz: u32, seed: u64, f: impl FnOnce(&mut HostConfig)) -> Arc<ModelHost> {
+    let mut c = HostConfig::new(khz, seed);
+    f(&mut c);
+    ModelHost::new(time.clone(), c)
+}
+
+/// A running source guest: kvmclock enabled on every vCPU, vCPUs ran, TSC offset non-trivial.
+fn running_vm(h: &Arc<ModelHost>, vcpus: usize) -> ModelVm {
+    let vm = ModelVm::new(h.clone(), vcpus);
+    for n in 0..vcpus {
+        vm.guest_enable_kvmclock(n).unwrap();
+    }
+    vm.run_all();
+    h.time().advance_ns(3_000_000_000);
+    vm
+}
+
+/// A fresh destination VM whose vCPU state includes the guest's kvmclock MSR (as restored vCPU
+/// state would), its vCPUs not yet run.
+fn dest_vm(h: &Arc<ModelHost>, vcpus: usize) -> ModelVm {
+    let vm = ModelVm::new(h.clone(), vcpus);
+    for n in 0..vcpus {
+        vm.guest_enable_kvmclock(n).unwrap();
+    }
+    vm
+}
+
+fn assert_same_clocks(src: &ModelVm, dst: &ModelVm, kvmclock_tol_ns: u64) {
+    let ks = src.get_clock().unwrap().clock_ns;
+    let kd = dst.get_clock().unwrap().clock_ns;
+    assert!(
+        ks.abs_diff(kd) <= kvmclock_tol_ns,
+        "kvmclock src {ks} dst {kd}"
+    );
+    for n in 0..src.vcpu_count() {
+        assert_eq!(
+            src.guest_tsc_now(n).unwrap(),
+            dst.guest_tsc_now(n).unwrap(),
+            "vCPU {n} TSC"
+        );
+        let gs = src.guest_kvmclock_now(n).unwrap().unwrap();
+        let gd = dst.guest_kvmclock_now(n).unwrap().unwrap();
+        assert!(
+            gs.abs_diff(gd) <= kvmclock_tol_ns,
+            "vCPU {n} guest kvmclock src {gs} dst {gd}"
+        );
+    }
+}
+
+#[test]
+fn live_update_after_one_second_is_exact() {
+    let time = ModelTime::new();
+    let h = host(&time, SRC_KHZ, 1, |_| {});
+    let src = running_vm(&h, 4);
+    let state = capture(&src, 0).unwrap();
+    assert_eq!(state.capture_kind, CaptureKind::KvmClockData);
+    time.advance_ns(1_000_000_000); // downtime: the VMM restarts
+    let dst = dest_vm(&h, 4);
+    let report = restore(&dst, &state, &RestoreOptions::default(), None).unwrap();
+    assert_eq!(report.mode, RestoreMode::LiveUpdate);
+    assert!(report.mode_auto);
+    assert!(
+        !report.signalled.any(),
+        "nothing signalled on an exact live update"
+    );
+    assert!(report.kvmclock_error_ns.abs() <= 2, "{report:?}");
+    assert_eq!(report.tsc_error_ticks, 0);
+    assert_eq!(report.vcpu_skew_ticks, 0);
+    dst.run_all();
+    assert_same_clocks(&src, &dst, 2);
+    time.advance_ns(5_000_000_000);
+    assert_same_clocks(&src, &dst, 4);
+    for n in 0..4 {
+        assert_eq!(
+            dst.pvclock(n).unwrap().unwrap().flags & PVCLOCK_GUEST_STOPPED,
+            0
+        );
+    }
+}
+
+#[test]
+fn kexec_with_continuous_tsc_is_a_live_update() {
+    let time = ModelTime::new();
+    let h = host(&time, SRC_KHZ, 1, |_| {});
+    let src = running_vm(&h, 2);
+    let state = capture(&src, 0).unwrap();
+    h.kexec();
+    time.advance_ns(700_000_000);
+    let dst = dest_vm(&h, 2);
+    let r = restore(&dst, &state, &RestoreOptions::default(), None).unwrap();
+    assert_eq!(r.mode, RestoreMode::LiveUpdate);
+    assert_same_clocks(&src, &dst, 2);
+}
+
+#[test]
+fn reboot_resets_the_tsc_so_it_is_a_migration() {
+    let time = ModelTime::new();
+    let h = host(&time, SRC_KHZ, 1, |_| {});
+    let src = running_vm(&h, 2);
+    let state = capture(&src, 0).unwrap();
+    time.advance_ns(2_000_000_000);
+    h.reboot();
+    let dst = ModelVm::new(h.clone(), 2);
+    let r = restore(&dst, &state, &RestoreOptions::default(), None).unwrap();
+    assert_eq!(r.mode, RestoreMode::LiveMigration);
+    // The old VM died with the host; kvmclock follows the wallclock: K + (W' − W).
+    drop(src);
+    let d = dst.get_clock().unwrap();
+    let want = state.clock.clock_ns + (d.realtime_ns - state.clock.realtime_ns);
+    assert!(d.clock_ns.abs_diff(want) <= 2, "{} vs {want}", d.clock_ns);
+    assert!(r.kvmclock_error_ns.abs() <= 2);
+}
+
+#[test]
+fn migration_with_skew_and_different_tsc_rates() {
+    let skew_ns: i64 = 250_000;
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let b = host(&time, DST_KHZ, 2, |c| {
+        c.skew_ns = skew_ns;
+        c.boot_tsc_ticks = 987_654_321_000;
+    });
+    let src = running_vm(&a, 3);
+    let vmclock = HostVmclockMemory::new();
+    VmclockWriter::new(&vmclock).init(41).unwrap();
+    let state = capture(&src, 41).unwrap();
+    time.advance_ns(300_000_000);
+    let dst = ModelVm::new(b.clone(), 3);
+    for n in 0..3 {
+        dst.guest_enable_kvmclock(n).unwrap();
+    }
+    let r = restore(&dst, &state, &RestoreOptions::default(), Some(&vmclock)).unwrap();
+    assert_eq!(r.mode, RestoreMode::LiveMigration);
+    assert!(r.mode_auto);
+    assert!(
+        r.kvmclock_error_ns.abs() <= 2,
+        "relative to the destination's wallclock: {r:?}"
+    );
+    // Uncertainty: both hosts' NTP maxerror (100 µs each).
+    assert_eq!(r.uncertainty_ns, 200_000);
+    // Signalled: GUEST_STOPPED on all vCPUs and the vmclock marker bumped.
+    assert_eq!(r.signalled.guest_stopped_vcpus, vec![0, 1, 2]);
+    assert_eq!(r.signalled.vmclock_disruption_marker, Some(42));
+    let v = VmclockWriter::new(&vmclock).view().unwrap();
+    assert_eq!(
+        (v.disruption_marker, v.clock_status),
+        (42, VMCLOCK_STATUS_UNRELIABLE)
+    );
+    dst.run_all();
+    for n in 0..3 {
+        assert_ne!(
+            dst.pvclock(n).unwrap().unwrap().flags & PVCLOCK_GUEST_STOPPED,
+            0
+        );
+    }
+    assert_eq!(
+        dst.tsc_khz(0).unwrap(),
+        SRC_KHZ,
+        "guest TSC rate preserved by scaling"
+    );
+    // Against true time (the oracle): kvmclock is off by exactly the skew (within 1 µs) ...
+    let ks = src.get_clock().unwrap().clock_ns as i64;
+    let kd = dst.get_clock().unwrap().clock_ns as i64;
+    assert!(
+        (kd - ks - skew_ns).abs() <= 1_000,
+        "kvmclock error {} vs skew {skew_ns}",
+        kd - ks
+    );
+    // ... and every TSC is consistent with kvmclock: off by skew·freq, to a few ticks.
+    let skew_ticks = skew_ns * i64::from(SRC_KHZ) / 1_000_000;
+    let t0 = dst.guest_tsc_now(0).unwrap();
+    for n in 0..3 {
+        let d = dst.guest_tsc_now(n).unwrap() as i64 - src.guest_tsc_now(n).unwrap() as i64;
+        assert!(
+            (d - skew_ticks).abs() <= 5,
+            "vCPU {n}: TSC off by {d}, skew is {skew_ticks} ticks"
+        );
+        assert_eq!(
+            dst.guest_tsc_now(n).unwrap(),
+            t0,
+            "in-sync vCPUs stay in sync"
+        );
+    }
+    // Time keeps running at the guest's rate on the new host.
+    let (g0, k0) = (
+        dst.guest_tsc_now(0).unwrap(),
+        dst.get_clock().unwrap().clock_ns,
+    );
+    time.advance_ns(1_000_000_000);
+    let (g1, k1) = (
+        dst.guest_tsc_now(0).unwrap(),
+        dst.get_clock().unwrap().clock_ns,
+    );
+    assert!((g1 - g0).abs_diff(u64::from(SRC_KHZ) * 1000) <= 2);
+    assert!((k1 - k0).abs_diff(1_000_000_000) <= 2);
+}
+
+#[test]
+fn residual_correction_removes_the_realtime_read_gap() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let b = host(&time, SRC_KHZ, 2, |c| c.realtime_read_gap_ns = 600);
+    let src = running_vm(&a, 1);
+    let state = capture(&src, 0).unwrap();
+    time.advance_ns(200_000_000);
+    let uncorrected = {
+        let dst = ModelVm::new(b.clone(), 1);
+        let o = RestoreOptions {
+            correct_residual: false,
+            ..Default::default()
+        };
+        restore(&dst, &state, &o, None).unwrap()
+    };
+    assert!(
+        (uncorrected.kvmclock_error_ns - 600).abs() <= 2,
+        "{uncorrected:?}"
+    );
+    let dst = ModelVm::new(b.clone(), 1);
+    let r = restore(&dst, &state, &RestoreOptions::default(), None).unwrap();
+    assert!(r.kvmclock_error_ns.abs() <= 2, "{r:?}");
+    assert!(r.set_clock_calls >= 2);
+}
+
+#[test]
+fn a_thousand_live_updates_do_not_drift() {
+    let time = ModelTime::new();
+    let h = host(&time, SRC_KHZ, 1, |_| {});
+    let origin = running_vm(&h, 2);
+    let mut cur = ModelVm::new(h.clone(), 2);
+    let first = capture(&origin, 0).unwrap();
+    restore(&cur, &first, &RestoreOptions::default(), None).unwrap();
+    for _ in 0..1000 {
+        cur.run_all();
+        time.advance_ns(10_000_000);
+        let s = capture(&cur, 0).unwrap();
+        time.advance_ns(5_000_000);
+        let next = ModelVm::new(h.clone(), 2);
+        let r = restore(&next, &s, &RestoreOptions::default(), None).unwrap();
+        assert_eq!(r.mode, RestoreMode::LiveUpdate);
+        cur = next;
+    }
+    let drift =
+        cur.get_clock().unwrap().clock_ns as i64 - origin.get_clock().unwrap().clock_ns as i64;
+    // Each hop restores the same function up to rounding (≤ 1 ns): a bound of 1 µs over 1000.
+    assert!(drift.abs() <= 1_000, "kvmclock drift {drift} ns");
+    for n in 0..2 {
+        assert_eq!(
+            cur.guest_tsc_now(n).unwrap(),
+            origin.guest_tsc_now(n).unwrap()
+        );
+    }
+}
+
+#[test]
+fn old_kernel_uses_fallbacks() {
+    let time = ModelTime::new();
+    let old = |c: &mut HostConfig| {
+        c.caps.adjust_clock_flags = 2; // pre-5.16: no REALTIME/HOST_TSC
+        c.caps.tsc_offset_attr = false;
+    };
+    let a = host(&time, SRC_KHZ, 1, old);
+    let src = running_vm(&a, 2);
+    let state = capture(&src, 0).unwrap();
+    assert_eq!(state.capture_kind, CaptureKind::UserspaceBracket);
+    assert_eq!(
+        state.clock.flags & 4,
+        0,
+        "never claim REALTIME the kernel did not give"
+    );
+    time.advance_ns(400_000_000);
+    let dst = dest_vm(&a, 2);
+    let r = restore(&dst, &state, &RestoreOptions::default(), None).unwrap();
+    assert_eq!(r.mode, RestoreMode::LiveUpdate);
+    assert!(dst.counters().set_tsc_msr >= 2, "MSR fallback used");
+    assert_eq!(dst.counters().set_tsc_offset, 0);
+    assert!(r.kvmclock_error_ns.abs() <= 2, "{r:?}");
+    assert_same_clocks(&src, &dst, 2);
+}
+
+#[test]
+fn pvm_offsets_ignored_is_reported() {
+    let time = ModelTime::new();
+    let pvm = |c: &mut HostConfig| c.ignore_tsc_writes = true;
+    let a = host(&time, SRC_KHZ, 1, pvm);
+    let b = host(&time, SRC_KHZ, 2, |c| {
+        c.ignore_tsc_writes = true;
+        c.skew_ns = 50_000;
+    });
+    let src = running_vm(&a, 2);
+    let state = capture(&src, 0).unwrap();
+    time.advance_ns(100_000_000);
+    let dst = ModelVm::new(b, 2);
+    let r = restore(&dst, &state, &RestoreOptions::default(), None).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("ignored")),
+        "{:?}",
+        r.warnings
+    );
+    assert_ne!(
+        r.tsc_error_ticks, 0,
+        "the TSC could not follow kvmclock and the report says so"
+    );
+}
+
+fn refused(dst: &ModelVm, state: &guest_clock::format::ClockState, field: &str) {
+    let before = dst.state();
+    let counters = dst.counters();
+    match restore(dst, state, &RestoreOptions::default(), None) {
+        Err(RestoreError::Refused { field: f, reason }) => {
+            assert_eq!(f, field, "{reason}");
+        }
+        other => panic!("expected a refusal on {field}, got {other:?}"),
+    }
+    assert_eq!(dst.state(), before, "VM untouched");
+    assert_eq!(dst.counters(), counters, "no state-changing call");
+}
+
+#[test]
+fn refusals_leave_the_vm_untouched() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let src = running_vm(&a, 2);
+    let state = capture(&src, 0).unwrap();
+    let b = host(&time, DST_KHZ, 2, |c| c.caps.tsc_control = false);
+    let dst3 = ModelVm::new(a.clone(), 3);
+    refused(&dst3, &state, "vcpus");
+    let dst = ModelVm::new(b, 2);
+    refused(&dst, &state, "tsc.guest_tsc_khz");
+    let dst = ModelVm::new(a.clone(), 2);
+    let mut future = state.clone();
+    future.clock.realtime_ns += 20 * 365 * 86_400 * 1_000_000_000;
+    refused(&dst, &future, "clock.realtime_ns");
+    let mut past = state.clone();
+    past.clock.realtime_ns -= 20 * 365 * 86_400 * 1_000_000_000;
+    refused(&dst, &past, "clock.realtime_ns");
+    let mut zero = state.clone();
+    zero.tsc.guest_tsc_khz = 0;
+    refused(&dst, &zero, "tsc.guest_tsc_khz");
+    let mut lie = state.clone();
+    lie.clock.realtime_ns = 0;
+    refused(&dst, &lie, "clock.realtime_ns");
+}
+
+#[test]
+fn clock_manager_pause_snapshot_restore() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let src = Arc::new(running_vm(&a, 2));
+    let mut m = ClockManager::new(src.clone());
+    assert!(m.snapshot().is_err(), "snapshot needs a paused VM");
+    m.pause().unwrap();
+    let snap = m.snapshot().unwrap();
+    assert_eq!(m.id(), "clock");
+    // Resume on the source (abandoned migration): clocks untouched, zero error.
+    let before = src.state();
+    m.resume().unwrap();
+    assert_eq!(src.state(), before);
+    // Through a CH-style tree as JSON, then restored on a new VM of the same host.
+    let mut root = vm_migration::Snapshot::default();
+    root.add_snapshot("clock".into(), snap);
+    let json = serde_json::to_vec(&root).unwrap();
+    let root: vm_migration::Snapshot = serde_json::from_slice(&json).unwrap();
+    time.advance_ns(250_000_000);
+    let dst = Arc::new(dest_vm(&a, 2));
+    let mut m2 = ClockManager::new(dst.clone());
+    m2.restore(root.snapshots["clock"].clone()).unwrap();
+    assert_eq!(m2.last_report().unwrap().mode, RestoreMode::LiveUpdate);
+    assert_same_clocks(&src, &dst, 2);
+    // A corrupted section is refused before anything is touched.
+    let mut bad = root.snapshots["clock"].clone();
+    let data = bad.snapshot_data.as_mut().unwrap();
+    let last = data.state.len() - 3;
+    data.state[last] ^= 0x40;
+    assert!(guest_clock::clock_state_from_snapshot(&bad).is_err());
+}
