@@ -9,6 +9,7 @@
 
 use guest_clock_format::{HostIdentity, NtpState};
 
+pub mod host;
 pub mod kvm;
 pub mod model;
 
