@@ -285,7 +285,8 @@ fn every_framing_error() {
 
 #[test]
 fn validation_names_fields() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut ClockState)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut ClockState)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("vcpus", Box::new(|s| s.vcpus.clear())),
         ("vcpus.id", Box::new(|s| s.vcpus[1].id = 0)),
         ("vcpus.id", Box::new(|s| s.vcpus[1].id = 9)),
