@@ -1,8 +1,260 @@
-//! clockvmm: a small real-KVM VMM hosting the guest-clock plugin.
+//! clockvmm: a small real-KVM VMM hosting the guest-clock plugin, shaped like
+//! cloud-hypervisor + ch-remote. See `clockvmm --help`.
 
-fn main() {
-    match std::env::args().nth(1).as_deref() {
-        Some("demo") => println!("clockvmm demo: not built yet (the VMM is being written)"),
-        _ => println!("usage: clockvmm demo"),
+mod api;
+mod bench;
+mod client;
+mod demo;
+mod inspect;
+mod migration;
+mod vm;
+mod vmm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use guest_clock::restore::{RestoreMode, RestoreOptions};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "clockvmm",
+    version,
+    about = "A real-KVM VMM hosting the guest-clock plugin"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a VMM serving the REST API on a UNIX socket.
+    Run {
+        /// API socket path.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// vCPUs of the VM booted at start.
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 2)]
+        memory_mib: usize,
+        /// Use the model backend even where /dev/kvm works.
+        #[arg(long)]
+        model: bool,
+        /// Start without a VM (to restore a snapshot or receive a migration).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Talk to a running VMM (like ch-remote).
+    Remote {
+        /// API socket path.
+        #[arg(long)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        cmd: RemoteCmd,
+    },
+    /// Boot a guest, live-update it, migrate it, print the clock errors.
+    Demo {
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Visible downtime of each disruption, ms.
+        #[arg(long, default_value_t = 200)]
+        downtime_ms: u64,
+        /// Wallclock skew injected into the migration, ns.
+        #[arg(long, default_value_t = 250_000)]
+        skew_ns: i64,
+        /// Use the model backend.
+        #[arg(long)]
+        model: bool,
+    },
+    /// Measure clock error and cost of the restore strategies.
+    Bench {
+        /// Write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw the results as SVG.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Fewer repetitions (CI smoke run).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Print a clock section (raw framed file, or a snapshot directory).
+    Inspect {
+        /// A section file or a snapshot directory.
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemoteCmd {
+    /// Pause the VM (captures the clocks).
+    Pause,
+    /// Resume the VM.
+    Resume,
+    /// VM state and backend.
+    Info,
+    /// The guest-observed clock and the last restore report.
+    Clock,
+    /// Stop the VMM.
+    Shutdown,
+    /// Snapshot to a directory.
+    Snapshot {
+        /// file://DIR
+        #[arg(long)]
+        destination_url: String,
+    },
+    /// Restore from a snapshot directory (into a VMM started with --no-vm).
+    Restore {
+        /// file://DIR
+        #[arg(long)]
+        source_url: String,
+    },
+    /// Migrate the VM to a receiving VMM.
+    SendMigration {
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        destination_url: String,
+        /// Extra pause between capture and State, ms (demos).
+        #[arg(long, default_value_t = 0)]
+        downtime_ms: u64,
+        /// Force the receiver's restore mode.
+        #[arg(long, value_parser = ["live-update", "live-migration"])]
+        mode: Option<String>,
+        /// Pretend the receiver's wallclock is this far ahead, ns (demos).
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        inject_skew_ns: i64,
+    },
+    /// Receive a migration (into a VMM started with --no-vm).
+    ReceiveMigration {
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        receiver_url: String,
+        /// Refuse a sender whose VM has another vCPU count.
+        #[arg(long)]
+        vcpus: Option<usize>,
+    },
+}
+
+fn restore_options(mode: Option<&str>, skew_ns: i64) -> Option<RestoreOptions> {
+    let mode = match mode {
+        Some("live-update") => Some(RestoreMode::LiveUpdate),
+        Some("live-migration") => Some(RestoreMode::LiveMigration),
+        _ => None,
+    };
+    (mode.is_some() || skew_ns != 0).then(|| RestoreOptions {
+        mode,
+        inject_wallclock_skew_ns: skew_ns,
+        ..RestoreOptions::default()
+    })
+}
+
+fn remote(socket: &std::path::Path, cmd: RemoteCmd) -> Result<Value, String> {
+    let (method, endpoint, body) = match cmd {
+        RemoteCmd::Pause => ("PUT", "vm.pause", None),
+        RemoteCmd::Resume => ("PUT", "vm.resume", None),
+        RemoteCmd::Info => ("GET", "vm.info", None),
+        RemoteCmd::Clock => ("GET", "vm.clock", None),
+        RemoteCmd::Shutdown => ("PUT", "vmm.shutdown", None),
+        RemoteCmd::Snapshot { destination_url } => (
+            "PUT",
+            "vm.snapshot",
+            Some(json!({"destination_url": destination_url})),
+        ),
+        RemoteCmd::Restore { source_url } => {
+            ("PUT", "vm.restore", Some(json!({"source_url": source_url})))
+        }
+        RemoteCmd::SendMigration {
+            destination_url,
+            downtime_ms,
+            mode,
+            inject_skew_ns,
+        } => (
+            "PUT",
+            "vm.send-migration",
+            Some(json!({
+                "destination_url": destination_url,
+                "downtime_ms": downtime_ms,
+                "restore_options": restore_options(mode.as_deref(), inject_skew_ns),
+            })),
+        ),
+        RemoteCmd::ReceiveMigration {
+            receiver_url,
+            vcpus,
+        } => (
+            "PUT",
+            "vm.receive-migration",
+            Some(json!({"receiver_url": receiver_url, "vcpus": vcpus})),
+        ),
+    };
+    let (code, v) = client::call(
+        socket,
+        method,
+        endpoint,
+        body.as_ref(),
+        Duration::from_secs(120),
+    )?;
+    if code >= 400 {
+        return Err(v
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("error")
+            .to_string());
+    }
+    Ok(v)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run {
+            api_socket,
+            vcpus,
+            memory_mib,
+            model,
+            no_vm,
+        } => {
+            let mut vmm = vmm::Vmm::new();
+            if no_vm {
+                println!("clockvmm: no VM yet (waiting for restore or receive-migration)");
+            } else {
+                match vmm.boot(&vm::VmConfig {
+                    vcpus,
+                    memory_mib,
+                    force_model: model,
+                }) {
+                    Ok(d) => println!("clockvmm: {d}"),
+                    Err(e) => {
+                        eprintln!("clockvmm: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            api::serve(&api_socket, vmm)
+        }
+        Cmd::Remote { api_socket, cmd } => remote(&api_socket, cmd).map(|v| {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }),
+        Cmd::Demo {
+            vcpus,
+            downtime_ms,
+            skew_ns,
+            model,
+        } => demo::run(vcpus, downtime_ms, skew_ns, model),
+        Cmd::Bench { json, svg, quick } => bench::run(json.as_deref(), svg.as_deref(), quick),
+        Cmd::Inspect { path } => inspect::run(&path),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clockvmm: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -75,13 +75,13 @@ impl Strategy {
                 set_clock(backend, state.clock.clock_ns, Some(w_seen))?;
                 let d = backend.get_clock().map_err(|e| e.to_string())?;
                 let freq_khz = i128::from(state.tsc.guest_tsc_khz);
-                let guest_delta_ns =
-                    i128::from(state.clock.clock_ns) - i128::from(d.clock_ns);
+                let guest_delta_ns = i128::from(state.clock.clock_ns) - i128::from(d.clock_ns);
                 let tsc_delta =
                     i128::from(state.clock.host_tsc_ticks) - i128::from(d.host_tsc_ticks);
                 for (n, v) in state.vcpus.iter().enumerate() {
                     // ofs_dst = ofs_src − (guest_src − guest_dest)·freq + (tsc_src − tsc_dest)
-                    let ofs = i128::from(v.tsc_offset_ticks) - guest_delta_ns * freq_khz / 1_000_000
+                    let ofs = i128::from(v.tsc_offset_ticks)
+                        - guest_delta_ns * freq_khz / 1_000_000
                         + tsc_delta;
                     backend
                         .set_tsc_offset(n, ofs as u64)
