@@ -259,8 +259,9 @@ fn a_thousand_live_updates_do_not_drift() {
     }
     let drift =
         cur.get_clock().unwrap().clock_ns as i64 - origin.get_clock().unwrap().clock_ns as i64;
-    // Each hop restores the same function up to rounding (≤ 1 ns): a bound of 1 µs over 1000.
-    assert!(drift.abs() <= 1_000, "kvmclock drift {drift} ns");
+    // Each hop restores the same function up to the floor truncation of KVM's kvmclock read
+    // (< 1 ns) and the rounding of the relation (≤ 0.5 ns): ≤ 2 ns a hop, 2 µs over 1000.
+    assert!(drift.abs() <= 2_000, "kvmclock drift {drift} ns");
     for n in 0..2 {
         assert_eq!(
             cur.guest_tsc_now(n).unwrap(),

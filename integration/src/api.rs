@@ -81,7 +81,7 @@ pub fn handle(vmm: &mut Vmm, method: &str, url: &str, body: &str) -> (u16, Value
             vmm.shutdown();
             return (200, json!({}), true);
         }
-        (_, r) if r.is_empty() => Err((404, format!("unknown path {url}"))),
+        (_, "") => Err((404, format!("unknown path {url}"))),
         (m, r) => Err((405, format!("{m} {r}: no such endpoint"))),
     };
     match r {

@@ -135,6 +135,10 @@ pub struct VcpuObservation {
     pub host_realtime_ns: u64,
     /// The pvclock flags byte (bit 1: PVCLOCK_GUEST_STOPPED).
     pub pvclock_flags: u8,
+    /// The pvclock multiplier the guest used.
+    pub tsc_to_system_mul: u32,
+    /// The pvclock shift the guest used.
+    pub tsc_shift: i8,
     /// Loop iterations this vCPU has done.
     pub samples: u64,
 }
@@ -153,6 +157,19 @@ pub fn observed_kvmclock_error_ns(before: &VcpuObservation, after: &VcpuObservat
     math::diff_signed(after.guest_kvmclock_ns, before.guest_kvmclock_ns).saturating_sub(
         math::diff_signed(after.host_realtime_ns, before.host_realtime_ns),
     )
+}
+
+/// Guest-observed kvmclock error against the guest's own uninterrupted clock: how far kvmclock
+/// moved minus how far the *previous* pvclock function says it should have moved for the TSC
+/// ticks that passed: `(after.kvmclock − before.kvmclock) − scale(after.tsc − before.tsc;
+/// before.mul, before.shift)`. For a live update (continuous TSC) this is the error "as if not
+/// scheduled", free of the host's kvmclock-vs-NTP rate difference that the wallclock metric
+/// includes.
+pub fn observed_kvmclock_vs_tsc_error_ns(before: &VcpuObservation, after: &VcpuObservation) -> i64 {
+    let ticks = after.guest_tsc_ticks.wrapping_sub(before.guest_tsc_ticks);
+    let expected = math::pvclock_scale_delta(ticks, before.tsc_to_system_mul, before.tsc_shift);
+    math::diff_signed(after.guest_kvmclock_ns, before.guest_kvmclock_ns)
+        .saturating_sub(i64::try_from(expected).unwrap_or(i64::MAX))
 }
 
 /// Guest-observed TSC error: `(after.tsc − before.tsc) − ns_to_ticks(after.realtime −
@@ -224,7 +241,7 @@ impl RealTimeModel {
     fn new(vcpus: usize) -> Self {
         let time = ModelTime::new();
         time.advance_to_ns(host::realtime_ns());
-        let mut cfg = HostConfig::new(2_000_000, 0x6d6f_6465_6c);
+        let mut cfg = HostConfig::new(2_000_000, 0x006d_6f64_656c);
         cfg.realtime_epoch_ns = 0;
         cfg.identity.machine_id_hash = host::read_host_info(0)
             .map(|h| h.identity.machine_id_hash)
@@ -589,6 +606,8 @@ impl Vm {
                             guest_kvmclock_ns: math::pvclock_read_ns(&p, tsc),
                             host_realtime_ns: vm.host_realtime_ns(),
                             pvclock_flags: p.flags,
+                            tsc_to_system_mul: p.tsc_to_system_mul,
+                            tsc_shift: p.tsc_shift,
                             samples: 0,
                         });
                     }
@@ -716,6 +735,8 @@ fn vcpu_loop(
                 guest_kvmclock_ns: math::pvclock_read_ns(&p, tsc),
                 host_realtime_ns: rt_now.saturating_sub(back_ns),
                 pvclock_flags: p.flags,
+                tsc_to_system_mul: p.tsc_to_system_mul,
+                tsc_shift: p.tsc_shift,
                 samples,
             };
             if let Some(s) = lock(&shared.obs).get_mut(id) {
@@ -739,6 +760,8 @@ mod tests {
             guest_kvmclock_ns: k,
             host_realtime_ns: rt,
             pvclock_flags: 1,
+            tsc_to_system_mul: 1 << 31,
+            tsc_shift: 0,
             samples: 1,
         }
     }
@@ -753,6 +776,11 @@ mod tests {
         );
         assert_eq!(observed_kvmclock_error_ns(&a, &b), 7);
         assert_eq!(observed_tsc_error_ticks(&a, &b, 2_000_000), -3);
+        // mul 2^31, shift 0: 2 GHz → 1 tick = 0.5 ns; 1_999_997 ticks = 999_998 ns (floor).
+        assert_eq!(
+            observed_kvmclock_vs_tsc_error_ns(&a, &b),
+            1_000_007 - 999_998
+        );
     }
 
     #[test]

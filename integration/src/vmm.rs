@@ -15,7 +15,8 @@ use vm_migration::{Pausable, Snapshot, Snapshottable};
 
 use crate::migration::{self, MigrationState, MigrationUrl};
 use crate::vm::{
-    observed_kvmclock_error_ns, observed_tsc_error_ticks, GuestObservation, Vm, VmConfig,
+    observed_kvmclock_error_ns, observed_kvmclock_vs_tsc_error_ns, observed_tsc_error_ticks,
+    GuestObservation, Vm, VmConfig,
 };
 
 /// The snapshot directory's state file.
@@ -126,6 +127,7 @@ impl Vmm {
                 "backend": vm.describe(),
                 "backend_kind": vm.backend_kind(),
                 "config": vm.config(),
+                "vcpus": vm.vcpu_count(),
             }),
             None => json!({"state": self.note, "backend": null}),
         }
@@ -143,6 +145,7 @@ impl Vmm {
                     errors.push(json!({
                         "vcpu": a.vcpu,
                         "kvmclock_error_ns": observed_kvmclock_error_ns(b, a),
+                        "kvmclock_vs_tsc_error_ns": observed_kvmclock_vs_tsc_error_ns(b, a),
                         "tsc_error_ticks": observed_tsc_error_ticks(b, a, khz),
                         "guest_stopped": a.pvclock_flags & 2 != 0,
                     }));

@@ -71,6 +71,9 @@ pub struct KvmBackend {
     host_tsc_khz: u32,
     tsc_control: Mutex<TscControl>,
     pvclock_reader: Option<PvclockReader>,
+    /// Host identity, read once: machine-id and boot_id cannot change under a running process
+    /// (a kexec ends it); the clocksource is re-read with the NTP state by `host_info`.
+    identity: guest_clock_format::HostIdentity,
 }
 
 impl std::fmt::Debug for KvmBackend {
@@ -167,7 +170,9 @@ impl KvmBackend {
         let flavour = host::kvm_flavour();
         let host_tsc_khz = host::sysfs_tsc_khz().unwrap_or(vcpu_khz);
         info!("KVM backend ({flavour}): {caps:?}, host TSC {host_tsc_khz} kHz");
+        let identity = host::read_host_info(host_tsc_khz)?.identity;
         Ok(KvmBackend {
+            identity,
             vm,
             vcpus,
             caps,
@@ -435,6 +440,9 @@ impl ClockBackend for KvmBackend {
     }
 
     fn host_info(&self) -> Result<HostInfo> {
-        host::read_host_info(self.host_tsc_khz)
+        Ok(HostInfo {
+            identity: self.identity.clone(),
+            ntp: host::ntp_state()?,
+        })
     }
 }
