@@ -235,6 +235,28 @@ pub fn pvclock_read_ns(info: &PvclockTimeInfo, guest_tsc_ticks: u64) -> u64 {
     ))
 }
 
+/// The pvclock *function* evaluated at any TSC, signed, for measurements: like
+/// [`pvclock_read_ns`] at or after `tsc_timestamp`, and extended backwards before it
+/// (`system_time − scale(tsc_timestamp − tsc)`) where the guest's own u64 formula would wrap.
+pub fn pvclock_eval_ns(info: &PvclockTimeInfo, tsc_ticks: u64) -> i128 {
+    let mul = info.tsc_to_system_mul;
+    if tsc_ticks >= info.tsc_timestamp {
+        i128::from(info.system_time)
+            + i128::from(pvclock_scale_delta(
+                tsc_ticks - info.tsc_timestamp,
+                mul,
+                info.tsc_shift,
+            ))
+    } else {
+        i128::from(info.system_time)
+            - i128::from(pvclock_scale_delta(
+                info.tsc_timestamp - tsc_ticks,
+                mul,
+                info.tsc_shift,
+            ))
+    }
+}
+
 // ---------------------------------------------------------------- the preserved relationships
 
 /// Whether the host TSC continued between a capture `(h₀, r₀)` and a reading `(h₁, r₁)` on the
@@ -428,6 +450,23 @@ mod tests {
             ((1u128 << 32) * 1_000_000_000 / 1_500_000_000) as u32
         );
         assert_eq!(kvm_get_time_scale(1, 0), TimeScale { mul: 0, shift: 0 });
+    }
+
+    #[test]
+    fn pvclock_eval_extends_backwards() {
+        let p = PvclockTimeInfo {
+            tsc_timestamp: 1_000,
+            system_time: 5_000,
+            tsc_to_system_mul: 1 << 31,
+            tsc_shift: 0,
+            ..Default::default()
+        };
+        assert_eq!(pvclock_eval_ns(&p, 3_000), 6_000);
+        assert_eq!(
+            pvclock_eval_ns(&p, 3_000),
+            i128::from(pvclock_read_ns(&p, 3_000))
+        );
+        assert_eq!(pvclock_eval_ns(&p, 0), 4_500);
     }
 
     #[test]

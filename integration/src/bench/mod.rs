@@ -223,10 +223,11 @@ fn kvm_once(
             .pvclock(o.vcpu)
             .map_err(|e| e.to_string())?
             .ok_or("source pvclock unreadable")?;
-        let e = math::diff_signed(
-            o.guest_kvmclock_ns,
-            math::pvclock_read_ns(&p, o.guest_tsc_ticks),
-        );
+        // The source's pvclock function at the destination guest's TSC, signed: the sample may
+        // precede the source page's tsc_timestamp, where the guest's u64 formula would wrap.
+        let want = math::pvclock_eval_ns(&p, o.guest_tsc_ticks);
+        let e = (i128::from(o.guest_kvmclock_ns) - want)
+            .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
         if e.unsigned_abs() > worst.unsigned_abs() {
             worst = e;
         }
