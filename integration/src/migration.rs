@@ -122,24 +122,12 @@ impl MigrationUrl {
 
     /// Listen, accept exactly one sender, stop listening (a second sender is refused).
     pub fn accept_one(&self) -> Result<Stream, String> {
-        let deadline = std::time::Instant::now() + ACCEPT_TIMEOUT;
         match self {
             MigrationUrl::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 let l = UnixListener::bind(p).map_err(|e| format!("binding {p}: {e}"))?;
                 l.set_nonblocking(true).ok();
-                let s = loop {
-                    match l.accept() {
-                        Ok((s, _)) => break s,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            if std::time::Instant::now() > deadline {
-                                return Err("no sender connected within 60 s".into());
-                            }
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(e) => return Err(format!("accept: {e}")),
-                    }
-                };
+                let s = accept_before_deadline(|| l.accept().map(|(s, _)| s))?;
                 drop(l);
                 let _ = std::fs::remove_file(p);
                 s.set_nonblocking(false).ok();
@@ -150,24 +138,30 @@ impl MigrationUrl {
             MigrationUrl::Tcp(a) => {
                 let l = TcpListener::bind(a).map_err(|e| format!("binding {a}: {e}"))?;
                 l.set_nonblocking(true).ok();
-                let s = loop {
-                    match l.accept() {
-                        Ok((s, _)) => break s,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            if std::time::Instant::now() > deadline {
-                                return Err("no sender connected within 60 s".into());
-                            }
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(e) => return Err(format!("accept: {e}")),
-                    }
-                };
+                let s = accept_before_deadline(|| l.accept().map(|(s, _)| s))?;
                 drop(l);
                 s.set_nonblocking(false).ok();
                 s.set_read_timeout(Some(IO_TIMEOUT)).ok();
                 s.set_write_timeout(Some(IO_TIMEOUT)).ok();
                 Ok(Stream::Tcp(s))
             }
+        }
+    }
+}
+
+/// Poll a non-blocking `accept` until a sender connects or [`ACCEPT_TIMEOUT`] passes.
+fn accept_before_deadline<S>(mut accept: impl FnMut() -> std::io::Result<S>) -> Result<S, String> {
+    let deadline = std::time::Instant::now() + ACCEPT_TIMEOUT;
+    loop {
+        match accept() {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("no sender connected within {ACCEPT_TIMEOUT:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
         }
     }
 }
