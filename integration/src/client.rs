@@ -49,6 +49,22 @@ pub fn call(
     Ok((code, v))
 }
 
+/// Like [`call`] with a 120 s timeout, but an error status becomes `Err` with the server's
+/// `{"error": ...}` message.
+pub fn call_ok(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&Value>,
+) -> Result<Value, String> {
+    let (code, v) = call(socket, method, endpoint, body, Duration::from_secs(120))?;
+    if code >= 400 {
+        let msg = v.get("error").and_then(Value::as_str).unwrap_or("error");
+        return Err(format!("{endpoint}: {msg}"));
+    }
+    Ok(v)
+}
+
 /// Wait until the API socket answers `vm.info`.
 pub fn wait_ready(socket: &Path, timeout: Duration) -> Result<(), String> {
     let deadline = std::time::Instant::now() + timeout;

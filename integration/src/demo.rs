@@ -45,20 +45,7 @@ impl VmmProcess {
 
     /// Call the API; an error status becomes Err.
     pub fn api(&self, method: &str, endpoint: &str, body: Option<Value>) -> Result<Value, String> {
-        let (code, v) = call(
-            &self.socket,
-            method,
-            endpoint,
-            body.as_ref(),
-            Duration::from_secs(120),
-        )?;
-        if code >= 400 {
-            return Err(format!(
-                "{endpoint}: {}",
-                v.get("error").and_then(Value::as_str).unwrap_or("error")
-            ));
-        }
-        Ok(v)
+        crate::client::call_ok(&self.socket, method, endpoint, body.as_ref())
     }
 
     /// Ask it to shut down and wait.

@@ -12,7 +12,6 @@ mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use guest_clock::restore::{RestoreMode, RestoreOptions};
@@ -192,21 +191,7 @@ fn remote(socket: &std::path::Path, cmd: RemoteCmd) -> Result<Value, String> {
             Some(json!({"receiver_url": receiver_url, "vcpus": vcpus})),
         ),
     };
-    let (code, v) = client::call(
-        socket,
-        method,
-        endpoint,
-        body.as_ref(),
-        Duration::from_secs(120),
-    )?;
-    if code >= 400 {
-        return Err(v
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("error")
-            .to_string());
-    }
-    Ok(v)
+    client::call_ok(socket, method, endpoint, body.as_ref())
 }
 
 fn main() -> ExitCode {
