@@ -40,6 +40,11 @@ pub const MAX_PAYLOAD_LEN: usize = 1 << 20;
 pub const PAYLOAD_VCPU_COUNT_OFFSET: usize = 4 + 28 + 17;
 /// Encoded size of one [`VcpuClockState`] (u32 + 3 × u64).
 pub const VCPU_ENCODED_LEN: usize = 28;
+/// Offset of the clocksource length (u64) inside the encoded [`HostIdentity`]: after
+/// machine_id_hash (u64), boot_id (16 × u8) and host_tsc_khz (u32). The host identity itself
+/// starts at `PAYLOAD_VCPU_COUNT_OFFSET + 8 + n × VCPU_ENCODED_LEN`. Checked before versionize
+/// allocates the string.
+pub const HOST_CLOCKSOURCE_LEN_OFFSET: usize = 8 + 16 + 4;
 /// The CRC used by the frame: CRC-64/XZ (ECMA-182 polynomial, reflected, init/xorout all ones).
 pub const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 /// The longest clocksource name a section may carry, bytes.
@@ -268,6 +273,17 @@ pub fn encode(state: &ClockState, version: u16) -> Result<Vec<u8>, FormatError> 
     Ok(out)
 }
 
+/// Minimum encoded size of what follows the vCPUs: host identity with an empty clocksource
+/// (8 + 16 + 4 + 8), NTP state (4 + 8 + 8), the vmclock marker (8), and for v2 the uncertainty (8).
+fn payload_min_tail_len(version: u16) -> usize {
+    let v1 = 36 + 20 + 8;
+    if version >= 2 {
+        v1 + 8
+    } else {
+        v1
+    }
+}
+
 fn le_u16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -333,7 +349,11 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
     let payload = &bytes[HEADER_LEN..HEADER_LEN + len];
     if payload.len() >= PAYLOAD_VCPU_COUNT_OFFSET + 8 {
         let count = le_u64(payload, PAYLOAD_VCPU_COUNT_OFFSET);
-        let fits = (payload.len() - PAYLOAD_VCPU_COUNT_OFFSET - 8) / VCPU_ENCODED_LEN;
+        let tail = payload_min_tail_len(version);
+        let fits = payload
+            .len()
+            .saturating_sub(PAYLOAD_VCPU_COUNT_OFFSET + 8 + tail)
+            / VCPU_ENCODED_LEN;
         if count > MAX_VCPUS as u64 || count > fits as u64 {
             return Err(FormatError::TooManyVcpus {
                 count,
@@ -341,6 +361,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
             });
         }
     }
+    check_clocksource_len(payload)?;
     let mut cursor = Cursor::new(payload);
     let state = ClockState::deserialize(&mut cursor, &version_map(), version)
         .map_err(|e| FormatError::Payload(e.to_string()))?;
@@ -350,6 +371,35 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
     }
     state.validate()?;
     Ok(Decoded { state, version })
+}
+
+/// Bound the clocksource string length from the raw payload bytes (the vCPU count has already
+/// been checked against the payload size, so the offsets cannot overflow). versionize would
+/// accept up to 16 KiB; the section allows [`MAX_CLOCKSOURCE_LEN`]. A payload too short to hold
+/// the length is left to versionize, which reports it as a payload error.
+fn check_clocksource_len(payload: &[u8]) -> Result<(), FormatError> {
+    let Some(count_bytes) = payload.get(PAYLOAD_VCPU_COUNT_OFFSET..PAYLOAD_VCPU_COUNT_OFFSET + 8)
+    else {
+        return Ok(());
+    };
+    let count = le_u64(count_bytes, 0);
+    let Some(at) = usize::try_from(count)
+        .ok()
+        .and_then(|n| n.checked_mul(VCPU_ENCODED_LEN))
+        .and_then(|v| v.checked_add(PAYLOAD_VCPU_COUNT_OFFSET + 8 + HOST_CLOCKSOURCE_LEN_OFFSET))
+    else {
+        return Ok(());
+    };
+    if let Some(len_bytes) = at.checked_add(8).and_then(|end| payload.get(at..end)) {
+        let len = le_u64(len_bytes, 0);
+        if len > MAX_CLOCKSOURCE_LEN as u64 {
+            return Err(invalid(
+                "host.clocksource",
+                format!("declared length {len} bytes (at most {MAX_CLOCKSOURCE_LEN})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The framed section as a versionize type, so a VMM can store it with

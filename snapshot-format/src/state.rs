@@ -111,8 +111,9 @@ pub struct ClockState {
     pub ntp: NtpState,
     /// The vmclock `disruption_marker` the guest last saw (0 when no vmclock page).
     pub vmclock_disruption_marker: u64,
-    /// v2: width of the userspace bracket around the capture, ns (0 for an atomic
-    /// `KvmClockData` capture). v1 streams decode to [`ClockState::default_capture_uncertainty_ns`].
+    /// v2: half-width of the userspace bracket around the capture, ns: the captured values are
+    /// exact to ± this much (0 for an atomic `KvmClockData` capture). v1 streams decode to
+    /// `u64::MAX`, "unknown" (see `default_capture_uncertainty_ns`); encoding at v1 drops it.
     #[version(start = 2, default_fn = "default_capture_uncertainty_ns")]
     pub capture_uncertainty_ns: u64,
 }

@@ -261,9 +261,14 @@ fn every_framing_error() {
         b[off..off + 8].copy_from_slice(&count.to_le_bytes());
         let e = decode(&reframe(b)).unwrap_err();
         if count == 0 {
+            // The vCPU bytes are then read as the host identity: some typed payload error.
             assert!(
-                e.to_string().contains("vcpus")
-                    || matches!(e, FormatError::Payload(_) | FormatError::TrailingBytes(_)),
+                matches!(
+                    e,
+                    FormatError::Invalid { .. }
+                        | FormatError::Payload(_)
+                        | FormatError::TrailingBytes(_)
+                ),
                 "{e}"
             );
         } else {
@@ -375,5 +380,343 @@ proptest! {
         s.vcpus = (0..n as u32).map(|id| VcpuClockState { id, tsc_ticks: h ^ u64::from(id), kvmclock_ns: k, tsc_offset_ticks: 7 }).collect();
         let d = decode(&encode(&s, 2).unwrap()).unwrap();
         prop_assert_eq!(d.state, s);
+    }
+}
+
+/// The v2 vector's payload, for building frames around altered payloads.
+fn v2_payload() -> Vec<u8> {
+    V2[16..V2.len() - 8].to_vec()
+}
+
+/// A valid frame (correct length and CRC) of `version` around any payload.
+fn frame(version: u16, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GCLKSECT");
+    b.extend_from_slice(&version.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(payload);
+    let crc = CRC.checksum(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+#[test]
+fn frame_helper_reproduces_the_vector() {
+    assert_eq!(frame(2, &v2_payload()), V2);
+}
+
+/// Every single-bit flip gives the error its position implies: the header parts their own
+/// errors, the payload and the CRC a CRC mismatch.
+#[test]
+fn every_bit_flip_gives_the_expected_typed_error() {
+    for bit in 0..(V2.len() * 8) {
+        let mut b = V2.to_vec();
+        let byte = bit / 8;
+        b[byte] ^= 1 << (bit % 8);
+        let e = decode(&b).unwrap_err();
+        let ok = match byte {
+            0..=7 => e == FormatError::BadMagic,
+            8..=9 => matches!(e, FormatError::UnsupportedVersion { newest: 2, .. }),
+            10..=11 => matches!(e, FormatError::ReservedNotZero(r) if r != 0),
+            12..=15 => matches!(
+                e,
+                FormatError::PayloadTooLarge(_)
+                    | FormatError::Truncated { .. }
+                    | FormatError::TrailingBytes(_)
+            ),
+            _ => matches!(e, FormatError::BadCrc { stored, computed } if stored != computed),
+        };
+        assert!(ok, "bit {bit} (byte {byte}): unexpected {e:?}");
+    }
+}
+
+#[test]
+fn truncation_reports_needed_and_have() {
+    for cut in 0..V2.len() {
+        match decode(&V2[..cut]).unwrap_err() {
+            FormatError::Truncated { needed, have } => {
+                assert_eq!(have, cut);
+                assert!(needed > have);
+                if cut >= 16 {
+                    assert_eq!(needed, V2.len(), "cut {cut}: the full frame is needed");
+                }
+            }
+            e => panic!("cut {cut}: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn declared_lengths_beyond_the_buffer_or_bound() {
+    // Within the 1 MiB bound but beyond the buffer: truncated, nothing allocated.
+    let mut b = V2.to_vec();
+    b[12..16].copy_from_slice(&(MAX_PAYLOAD_LEN as u32).to_le_bytes());
+    assert_eq!(
+        decode(&b).unwrap_err(),
+        FormatError::Truncated {
+            needed: 16 + MAX_PAYLOAD_LEN + 8,
+            have: V2.len()
+        }
+    );
+    // One past the bound.
+    b[12..16].copy_from_slice(&(MAX_PAYLOAD_LEN as u32 + 1).to_le_bytes());
+    assert_eq!(
+        decode(&b).unwrap_err(),
+        FormatError::PayloadTooLarge(MAX_PAYLOAD_LEN + 1)
+    );
+    // Shorter than the buffer: the rest is trailing.
+    let mut b = V2.to_vec();
+    let len = u32::from_le_bytes(b[12..16].try_into().unwrap());
+    b[12..16].copy_from_slice(&(len - 4).to_le_bytes());
+    assert_eq!(decode(&b).unwrap_err(), FormatError::TrailingBytes(4));
+}
+
+#[test]
+fn vcpu_counts_are_bounded_before_versionize() {
+    let off = PAYLOAD_VCPU_COUNT_OFFSET;
+    for (count, expect_max) in [(5000u64, 2u64), (4097, 2), (3, 2), (u64::MAX, 2)] {
+        let mut p = v2_payload();
+        p[off..off + 8].copy_from_slice(&count.to_le_bytes());
+        assert_eq!(
+            decode(&frame(2, &p)).unwrap_err(),
+            FormatError::TooManyVcpus {
+                count,
+                max: expect_max
+            },
+            "count {count}"
+        );
+    }
+    // 5000 vCPUs that really are in the payload: refused by the 4096 bound, not by size.
+    let mut p = v2_payload()[..off].to_vec();
+    p.extend_from_slice(&5000u64.to_le_bytes());
+    p.extend(std::iter::repeat_n(0u8, 5000 * VCPU_ENCODED_LEN + 200));
+    assert_eq!(
+        decode(&frame(2, &p)).unwrap_err(),
+        FormatError::TooManyVcpus {
+            count: 5000,
+            max: 4096
+        }
+    );
+    // Zero vCPUs, consistently encoded: versionize accepts it, validation refuses it.
+    let full = v2_payload();
+    let mut p = full[..off].to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&full[off + 8 + 2 * VCPU_ENCODED_LEN..]);
+    let e = decode(&frame(2, &p)).unwrap_err();
+    assert!(
+        matches!(e, FormatError::Invalid { field: "vcpus", .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn clocksource_length_is_bounded_before_versionize() {
+    let at = PAYLOAD_VCPU_COUNT_OFFSET + 8 + 2 * VCPU_ENCODED_LEN + HOST_CLOCKSOURCE_LEN_OFFSET;
+    let mut p = v2_payload();
+    assert_eq!(u64::from_le_bytes(p[at..at + 8].try_into().unwrap()), 3);
+    for len in [33u64, 16_385, u64::MAX] {
+        p[at..at + 8].copy_from_slice(&len.to_le_bytes());
+        let e = decode(&frame(2, &p)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FormatError::Invalid {
+                    field: "host.clocksource",
+                    ..
+                }
+            ),
+            "{len}: {e:?}"
+        );
+    }
+    // Within the bound but past the payload end: versionize reports it.
+    p[at..at + 8].copy_from_slice(&32u64.to_le_bytes());
+    assert!(matches!(
+        decode(&frame(2, &p)).unwrap_err(),
+        FormatError::Payload(_)
+    ));
+}
+
+#[test]
+fn payload_errors_are_typed() {
+    // An unknown CaptureKind variant.
+    let mut p = v2_payload();
+    p[0..4].copy_from_slice(&7u32.to_le_bytes());
+    assert!(matches!(
+        decode(&frame(2, &p)).unwrap_err(),
+        FormatError::Payload(_)
+    ));
+    // A v2 payload in a v1 frame: versionize alone would accept it; the frame sees 8 unread bytes.
+    assert_eq!(
+        decode(&frame(1, &v2_payload())).unwrap_err(),
+        FormatError::TrailingBytes(8)
+    );
+    // A v1 payload in a v2 frame: 8 bytes short of the v2 layout, so the size check finds room
+    // for one vCPU only.
+    let v1_payload = &V1[16..V1.len() - 8];
+    assert_eq!(
+        decode(&frame(2, v1_payload)).unwrap_err(),
+        FormatError::TooManyVcpus { count: 2, max: 1 }
+    );
+    // An empty payload.
+    assert!(matches!(
+        decode(&frame(2, &[])).unwrap_err(),
+        FormatError::Payload(_)
+    ));
+    // A well-formed payload that fails validation: frac_bits 7 at payload+48.
+    let mut p = v2_payload();
+    p[48] = 7;
+    assert_eq!(decode(&frame(2, &p)).unwrap_err().field(), "tsc.frac_bits");
+    // Unknown flags at payload+12.
+    let mut p = v2_payload();
+    p[12] |= 0x10;
+    assert_eq!(decode(&frame(2, &p)).unwrap_err().field(), "clock.flags");
+}
+
+#[test]
+fn encode_refuses_bad_versions_and_states() {
+    for v in [0u16, 3, u16::MAX] {
+        assert_eq!(
+            encode(&golden_state(), v).unwrap_err(),
+            FormatError::UnsupportedVersion {
+                found: v,
+                newest: CURRENT_VERSION
+            }
+        );
+    }
+    let mut s = golden_state();
+    s.tsc.guest_tsc_khz = MAX_TSC_KHZ + 1;
+    assert_eq!(encode(&s, 2).unwrap_err().field(), "tsc.guest_tsc_khz");
+    s.tsc.guest_tsc_khz = MAX_TSC_KHZ;
+    assert!(encode(&s, 2).is_ok(), "10 GHz is allowed");
+}
+
+#[test]
+fn version_map_matches_the_format_versions() {
+    use versionize::Versionize;
+    let vm = version_map();
+    assert_eq!(vm.latest_version(), CURRENT_VERSION);
+    assert_eq!(vm.get_type_version(1, ClockState::type_id()), 1);
+    assert_eq!(vm.get_type_version(2, ClockState::type_id()), 2);
+    assert_eq!(vm.get_type_version(2, HostIdentity::type_id()), 1);
+    assert_eq!(ClockState::version(), 2);
+    assert_eq!(OLDEST_VERSION, 1);
+    assert_eq!(version_for_app_version(0), 1);
+    assert_eq!(version_for_app_version(1), 1);
+    assert_eq!(version_for_app_version(2), 2);
+    assert_eq!(version_for_app_version(40), 2);
+}
+
+#[test]
+fn v1_v2_round_trips() {
+    // v2 → v2 keeps everything; v2 → v1 → v2 loses only the uncertainty.
+    let mut s = golden_state();
+    s.capture_uncertainty_ns = 1234;
+    let via_v1 = decode(&encode(&s, 1).unwrap()).unwrap();
+    assert_eq!(via_v1.version, 1);
+    assert_eq!(
+        ClockState {
+            capture_uncertainty_ns: 1234,
+            ..via_v1.state.clone()
+        },
+        s
+    );
+    // A v1-decoded state (uncertainty unknown) re-encodes at v2 and keeps the unknown marker.
+    let again = decode(&encode(&via_v1.state, 2).unwrap()).unwrap();
+    assert_eq!(again.version, 2);
+    assert_eq!(again.state.capture_uncertainty_ns, u64::MAX);
+    // v1 and v2 frames differ only in the version, the length, the v2 field and the CRC.
+    assert_eq!(V2.len(), V1.len() + 8);
+    assert_eq!(&V1[16..V1.len() - 8], &V2[16..V1.len() - 8]);
+}
+
+#[test]
+fn framed_versionize_bounds_and_versions() {
+    use versionize::Versionize;
+    let s = golden_state();
+    // A VMM whose application version is ahead of ours writes v2.
+    let mut buf = Vec::new();
+    FramedClockState(s.clone())
+        .serialize(&mut buf, &version_map(), 7)
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(buf[..8].try_into().unwrap()),
+        V2.len() as u64
+    );
+    assert_eq!(&buf[8..], V2);
+    // Invalid states are refused at serialize time.
+    let mut bad = s.clone();
+    bad.vcpus.clear();
+    assert!(FramedClockState(bad)
+        .serialize(&mut Vec::new(), &version_map(), 2)
+        .is_err());
+    // A huge length prefix, a truncated stream and an empty stream: errors, no panic.
+    let mut huge = u64::MAX.to_le_bytes().to_vec();
+    huge.extend_from_slice(V2);
+    assert!(FramedClockState::deserialize(&mut huge.as_slice(), &version_map(), 2).is_err());
+    assert!(FramedClockState::deserialize(&mut &buf[..buf.len() - 1], &version_map(), 2).is_err());
+    assert!(FramedClockState::deserialize(&mut &[][..], &version_map(), 2).is_err());
+    // A frame's error surfaces as a versionize deserialize error naming it.
+    let mut wrong = buf.clone();
+    wrong[8 + 8] = 9; // frame version 9
+    match FramedClockState::deserialize(&mut wrong.as_slice(), &version_map(), 2) {
+        Err(versionize::VersionizeError::Deserialize(m)) => assert!(m.contains("version 9"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn json_shape_is_readable() {
+    let j = serde_json::to_value(golden_state()).unwrap();
+    assert_eq!(j["capture_kind"], "KvmClockData");
+    assert_eq!(j["tsc"]["guest_tsc_khz"], 2_445_404);
+    assert_eq!(j["vcpus"].as_array().unwrap().len(), 2);
+    assert_eq!(j["host"]["clocksource"], "tsc");
+    let pretty = serde_json::to_string_pretty(&golden_state()).unwrap();
+    assert_eq!(
+        serde_json::from_str::<ClockState>(&pretty).unwrap(),
+        golden_state()
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// Random payloads inside a valid frame (magic, version, length, CRC all right) reach
+    /// versionize; they must give Ok with a valid state or a typed error, never a panic.
+    #[test]
+    fn random_payloads_in_valid_frames(version in 1u16..=2, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        match decode(&frame(version, &payload)) {
+            Ok(d) => prop_assert!(d.state.validate().is_ok()),
+            Err(e) => {
+                let frame_error = matches!(e, FormatError::BadMagic | FormatError::BadCrc { .. } | FormatError::Truncated { .. });
+                prop_assert!(!frame_error, "a valid frame gave {:?}", e);
+            }
+        }
+    }
+
+    /// Several byte changes, a cut or an extension of the valid payload, re-framed with a valid
+    /// CRC: Ok with a valid state, or a typed error.
+    #[test]
+    fn mutated_payloads_in_valid_frames(
+        edits in proptest::collection::vec((0usize..188, any::<u8>()), 1..8),
+        cut in 0usize..=188,
+        extra in proptest::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let mut p = v2_payload();
+        for (pos, val) in edits {
+            if let Some(b) = p.get_mut(pos) {
+                *b = val;
+            }
+        }
+        p.truncate(cut);
+        p.extend_from_slice(&extra);
+        match decode(&frame(2, &p)) {
+            Ok(d) => {
+                prop_assert!(d.state.validate().is_ok());
+                prop_assert_eq!(encode(&d.state, 2).unwrap(), frame(2, &p), "decoding is injective");
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
     }
 }
