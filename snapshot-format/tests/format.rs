@@ -23,15 +23,15 @@ fn golden_state() -> ClockState {
         vcpus: vec![
             VcpuClockState {
                 id: 0,
-                tsc_ticks: 12_528_637_402,
+                tsc_ticks: 12_528_921_725,
                 kvmclock_ns: 5_123_456_789,
-                tsc_offset_ticks: 0xffff_f8a2_1c3b_5e47,
+                tsc_offset_ticks: 0xffff_f895_baca_ade6,
             },
             VcpuClockState {
                 id: 1,
-                tsc_ticks: 12_528_637_402,
+                tsc_ticks: 12_528_921_725,
                 kvmclock_ns: 5_123_456_789,
-                tsc_offset_ticks: 0xffff_f8a2_1c3b_5e47,
+                tsc_offset_ticks: 0xffff_f895_baca_ade6,
             },
         ],
         host: HostIdentity {
@@ -719,4 +719,238 @@ proptest! {
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }
     }
+}
+
+/// The golden fixture is self-consistent: Tₙ = host TSC + offset (ratio 1:1) and Tₙ = K · f.
+#[test]
+fn golden_state_is_consistent() {
+    let s = golden_state();
+    for v in &s.vcpus {
+        assert_eq!(
+            s.clock.host_tsc_ticks.wrapping_add(v.tsc_offset_ticks),
+            v.tsc_ticks
+        );
+        assert_eq!(
+            u128::from(v.kvmclock_ns) * u128::from(s.tsc.guest_tsc_khz) / 1_000_000,
+            u128::from(v.tsc_ticks)
+        );
+    }
+    assert!(s.validate().is_ok());
+}
+
+const SPEC: &str = include_str!("../SPEC.md");
+
+/// The rows of the markdown table that follows `heading` in SPEC.md: cells, trimmed, without
+/// backticks; the header and separator rows skipped.
+fn spec_table(heading: &str) -> Vec<Vec<String>> {
+    let start = SPEC
+        .find(heading)
+        .unwrap_or_else(|| panic!("SPEC.md lacks {heading}"));
+    SPEC[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().replace('`', ""))
+                .collect()
+        })
+        .collect()
+}
+
+/// Evaluate an offset expression of SPEC.md (`57 + 28i`, `H = 57 + 28n`, `N+4`, `16+len`):
+/// a sum of terms, each an integer, a variable, or an integer times a variable. `NAME = expr`
+/// defines NAME.
+fn spec_eval(expr: &str, vars: &mut std::collections::HashMap<String, usize>) -> usize {
+    let (name, body) = match expr.split_once('=') {
+        Some((n, b)) => (Some(n.trim().to_string()), b),
+        None => (None, expr),
+    };
+    let value = body
+        .split('+')
+        .map(|t| {
+            let t = t.trim();
+            let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+            let var = &t[digits.len()..];
+            let k: usize = if digits.is_empty() {
+                1
+            } else {
+                digits.parse().unwrap()
+            };
+            if var.is_empty() {
+                k
+            } else {
+                k * *vars
+                    .get(var)
+                    .unwrap_or_else(|| panic!("SPEC.md: unknown variable {var} in {expr}"))
+            }
+        })
+        .sum();
+    if let Some(n) = name {
+        vars.insert(n, value);
+    }
+    value
+}
+
+/// The little-endian bytes a SPEC.md payload field holds in `s` (vCPU `i` for `vcpus[i].*`).
+fn spec_field_bytes(s: &ClockState, field: &str, i: usize) -> Vec<u8> {
+    let v = s.vcpus.get(i).copied().unwrap_or_default();
+    match field {
+        "capture_kind" => (s.capture_kind as u32).to_le_bytes().to_vec(),
+        "clock.clock_ns" => s.clock.clock_ns.to_le_bytes().to_vec(),
+        "clock.flags" => s.clock.flags.to_le_bytes().to_vec(),
+        "clock.realtime_ns" => s.clock.realtime_ns.to_le_bytes().to_vec(),
+        "clock.host_tsc_ticks" => s.clock.host_tsc_ticks.to_le_bytes().to_vec(),
+        "tsc.guest_tsc_khz" => s.tsc.guest_tsc_khz.to_le_bytes().to_vec(),
+        "tsc.host_tsc_khz" => s.tsc.host_tsc_khz.to_le_bytes().to_vec(),
+        "tsc.ratio" => s.tsc.ratio.to_le_bytes().to_vec(),
+        "tsc.frac_bits" => vec![s.tsc.frac_bits],
+        "vcpus length" => (s.vcpus.len() as u64).to_le_bytes().to_vec(),
+        "vcpus[i].id" => v.id.to_le_bytes().to_vec(),
+        "vcpus[i].tsc_ticks" => v.tsc_ticks.to_le_bytes().to_vec(),
+        "vcpus[i].kvmclock_ns" => v.kvmclock_ns.to_le_bytes().to_vec(),
+        "vcpus[i].tsc_offset_ticks" => v.tsc_offset_ticks.to_le_bytes().to_vec(),
+        "host.machine_id_hash" => s.host.machine_id_hash.to_le_bytes().to_vec(),
+        "host.boot_id" => s.host.boot_id.to_vec(),
+        "host.host_tsc_khz" => s.host.host_tsc_khz.to_le_bytes().to_vec(),
+        "host.clocksource" => {
+            let mut b = (s.host.clocksource.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(s.host.clocksource.as_bytes());
+            b
+        }
+        "ntp.status" => s.ntp.status.to_le_bytes().to_vec(),
+        "ntp.maxerror_us" => s.ntp.maxerror_us.to_le_bytes().to_vec(),
+        "ntp.esterror_us" => s.ntp.esterror_us.to_le_bytes().to_vec(),
+        "vmclock_disruption_marker" => s.vmclock_disruption_marker.to_le_bytes().to_vec(),
+        "capture_uncertainty_ns" => s.capture_uncertainty_ns.to_le_bytes().to_vec(),
+        f => panic!("SPEC.md names a field this test does not know: {f}"),
+    }
+}
+
+/// The size SPEC.md's type column gives.
+fn spec_type_size(ty: &str, c: usize) -> usize {
+    match ty {
+        "u8" => 1,
+        "u32" | "i32" => 4,
+        "u64" | "i64" => 8,
+        "16 × u8" => 16,
+        "u64 + c bytes" => 8 + c,
+        t => panic!("SPEC.md type this test does not know: {t}"),
+    }
+}
+
+/// SPEC.md's tables, parsed and checked against the vector bytes: every row's offset, size and
+/// value, and that the rows tile the payload exactly.
+#[test]
+fn spec_tables_match_the_vectors() {
+    let s = golden_state();
+    let v1_rows = spec_table("## Payload, version 1");
+    let v2_rows = spec_table("## Payload, version 2");
+    let frame_rows = spec_table("## Frame");
+    assert!(v1_rows.len() >= 20 && v2_rows.len() == 1 && frame_rows.len() == 6);
+    for (version, bytes) in [(1u16, V1), (2, V2)] {
+        let len = u32_at(bytes, 12) as usize;
+        let mut vars = std::collections::HashMap::from([
+            ("n".to_string(), s.vcpus.len()),
+            ("c".to_string(), s.host.clocksource.len()),
+            ("len".to_string(), len),
+        ]);
+        // Frame.
+        let mut at = 0;
+        for row in &frame_rows {
+            let off = spec_eval(&row[0], &mut vars);
+            assert_eq!(off, at, "frame row {row:?}: gap or overlap");
+            let size = if row[1] == "payload_len" {
+                len
+            } else {
+                row[1].parse::<usize>().unwrap()
+            };
+            let got = &bytes[off..off + size];
+            match row[2].split(' ').next().unwrap() {
+                "magic" => assert_eq!(got, b"GCLKSECT"),
+                "version" => assert_eq!(got, version.to_le_bytes()),
+                "reserved" => assert_eq!(got, [0, 0]),
+                "payload_len" => assert_eq!(got, (len as u32).to_le_bytes()),
+                "payload" => {}
+                "crc64" => assert_eq!(got, CRC.checksum(&bytes[..16 + len]).to_le_bytes()),
+                f => panic!("unknown frame field {f}"),
+            }
+            at = off + size;
+        }
+        assert_eq!(at, bytes.len(), "the frame table covers the whole file");
+        // Payload: v1 rows, then (for v2) the v2 rows.
+        let payload = &bytes[16..16 + len];
+        let mut rows: Vec<&Vec<String>> = v1_rows.iter().collect();
+        if version >= 2 {
+            rows.extend(v2_rows.iter());
+        }
+        let mut at = 0;
+        for row in rows {
+            let (off_expr, ty, field) = (&row[0], &row[1], &row[2]);
+            if ty == "—" {
+                // "end of v1": only meaningful for a v1 payload.
+                let end = spec_eval(off_expr, &mut vars);
+                if version == 1 {
+                    assert_eq!(end, payload.len(), "{field}");
+                }
+                continue;
+            }
+            let per_vcpu = off_expr.contains('i');
+            for i in 0..if per_vcpu { s.vcpus.len() } else { 1 } {
+                vars.insert("i".into(), i);
+                let off = spec_eval(off_expr, &mut vars);
+                let size = spec_type_size(ty, s.host.clocksource.len());
+                let want = spec_field_bytes(&s, field, i);
+                assert_eq!(want.len(), size, "{field}: type {ty} vs value size");
+                assert_eq!(
+                    &payload[off..off + size],
+                    &want[..],
+                    "v{version} {field}[{i}] at payload+{off}"
+                );
+                // vCPU rows interleave: the tiling check walks them in encoding order.
+                if !per_vcpu {
+                    assert_eq!(off, at, "v{version} {field}: gap or overlap before it");
+                    at = off + size;
+                }
+            }
+            if field == "vcpus length" {
+                at += s.vcpus.len() * VCPU_ENCODED_LEN;
+            }
+        }
+        assert_eq!(at, payload.len(), "v{version}: the rows cover the payload");
+    }
+    // The per-vCPU rows tile one VCPU_ENCODED_LEN record.
+    let vcpu_rows: Vec<_> = v1_rows.iter().filter(|r| r[0].contains('i')).collect();
+    let total: usize = vcpu_rows.iter().map(|r| spec_type_size(&r[1], 0)).sum();
+    assert_eq!(total, VCPU_ENCODED_LEN);
+}
+
+/// SPEC.md's size formulas hold for other vCPU counts and clocksource lengths, and the enum
+/// encoding (variant index as u32) holds for the other variant.
+#[test]
+fn spec_size_formulas_and_enum_encoding() {
+    assert!(SPEC.contains("v1 payload = 121 + 28n + c bytes"));
+    assert!(SPEC.contains("v2 payload = 129 + 28n + c bytes"));
+    for n in [1usize, 2, 7, 64] {
+        for cs in ["", "tsc", "kvm-clock", &"x".repeat(32)] {
+            let mut s = golden_state();
+            s.vcpus = (0..n as u32)
+                .map(|id| VcpuClockState {
+                    id,
+                    ..Default::default()
+                })
+                .collect();
+            s.host.clocksource = cs.to_string();
+            let c = cs.len();
+            assert_eq!(encode(&s, 1).unwrap().len(), 24 + 121 + 28 * n + c);
+            assert_eq!(encode(&s, 2).unwrap().len(), 24 + 129 + 28 * n + c);
+        }
+    }
+    let mut s = golden_state();
+    s.capture_kind = CaptureKind::UserspaceBracket;
+    s.clock.flags = 0;
+    let b = encode(&s, 2).unwrap();
+    assert_eq!(u32_at(&b, 16), 1, "UserspaceBracket = 1");
 }
