@@ -245,7 +245,16 @@ pub struct Decoded {
 }
 
 /// Encode `state` as a framed section of format `version`. Validates first. Encoding at
-/// version 1 drops `capture_uncertainty_ns` (a v1 receiver decodes it as unknown).
+/// version 1 drops `capture_uncertainty_ns` (a v1 receiver decodes it as unknown, `u64::MAX`).
+///
+/// The output is `decode`'s exact inverse: `encode(&decode(b)?.state, decode(b)?.version) == b`
+/// for every `b` that decodes.
+///
+/// # Errors
+/// [`FormatError::UnsupportedVersion`] for a version outside
+/// [`OLDEST_VERSION`]`..=`[`CURRENT_VERSION`]; [`FormatError::Invalid`] or
+/// [`FormatError::TooManyVcpus`] when [`ClockState::validate`] refuses the state;
+/// [`FormatError::Payload`] if versionize fails (not expected for a valid state).
 pub fn encode(state: &ClockState, version: u16) -> Result<Vec<u8>, FormatError> {
     if !(OLDEST_VERSION..=CURRENT_VERSION).contains(&version) {
         return Err(FormatError::UnsupportedVersion {
@@ -299,7 +308,15 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Decode and validate a framed section. Every length is checked against the buffer before
-/// use; the vCPU count is bounded before versionize allocates.
+/// use; the vCPU count and the clocksource length are bounded from the raw bytes before
+/// versionize reads them. Fields newer than the frame's version get their documented defaults.
+/// Never panics.
+///
+/// # Errors
+/// Frame errors (`BadMagic`, `Truncated`,
+/// `UnsupportedVersion`, `ReservedNotZero`, `PayloadTooLarge`, `TrailingBytes`, `BadCrc`), count
+/// bounds (`TooManyVcpus`, `Invalid { field: "host.clocksource" }`), versionize failures
+/// (`Payload`), and validation (`Invalid`). The check order is in `SPEC.md`.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
     if bytes.len() < MAGIC.len() {
         return Err(FormatError::Truncated {
