@@ -723,7 +723,9 @@ fn vcpu_loop(
         }
         let tsc = u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8]));
         let samples = u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4])));
-        if let Some(p) = read_pvclock(&mem, id) {
+        if let Some(p) = read_pvclock(&mem, id).filter(|p| tsc >= p.tsc_timestamp) {
+            // (A sample older than the page's tsc_timestamp was taken before KVM rewrote the
+            // page at this entry: no guest computes kvmclock that way; it is skipped.)
             // Guest TSC → host TSC through the offset the backend reads (0 on kvm_pvm; the VMM
             // does not use TSC scaling), then → realtime by the host rate.
             let offset = kvm.tsc_offset(id).unwrap_or(0);

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
-use guest_clock::backend::ClockBackend;
+use guest_clock::backend::{ClockBackend, TscControl, KVM_CLOCK_HOST_TSC};
 use guest_clock::capture::capture;
 use guest_clock::format::encode;
 use guest_clock::math;
@@ -81,6 +81,8 @@ pub struct StrategyRow {
     pub repetitions: usize,
     /// Median signed kvmclock error, ns (sign: ahead > 0).
     pub kvmclock_error_signed_median_ns: f64,
+    /// How the TSC columns were measured.
+    pub tsc_method: TscMethod,
 }
 
 /// One scaling measurement.
@@ -104,6 +106,7 @@ struct Acc {
     t: Vec<i64>,
     skew: u64,
     signalled: bool,
+    tsc_method: Option<TscMethod>,
 }
 
 const SRC_KHZ: u32 = 2_445_404;
@@ -176,22 +179,71 @@ fn model_once(
     Ok((k, worst, hi - lo, signalled))
 }
 
+/// How a KVM row's TSC columns were measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TscMethod {
+    /// The hypervisor honours offsets: guest TSC at one host TSC from the offset attributes,
+    /// cross-checked against the guest's own RDTSC samples. Exact.
+    Offsets,
+    /// Offsets are ignored (kvm_pvm): destination TSC against the source's read just before and
+    /// after it by MSR; the bracket width is the resolution.
+    MsrBracket,
+    /// The model's own exact TSC.
+    Model,
+}
+
+/// One KVM run's figures.
+struct KvmRun {
+    kvmclock_error_ns: i64,
+    tsc_error_ticks: i64,
+    skew_ticks: u64,
+    signalled: bool,
+    tsc_method: TscMethod,
+}
+
+/// The largest kvmclock error a run can honestly show: the downtime plus a minute. Anything
+/// larger is a broken measurement (e.g. a guest sample taken before its pvclock page was
+/// rewritten) and aborts the run instead of reaching the table.
+fn plausible_ns(downtime: Duration) -> u64 {
+    downtime.as_nanos() as u64 + 60_000_000_000
+}
+
+/// Start `vm` and wait until every vCPU has reported a sample with a valid pvclock (a guest
+/// under TCG needs far longer than a native one to enable kvmclock; no fixed sleep).
+fn run_until_sampled(vm: &Vm, what: &str) -> Result<crate::vm::GuestObservation, String> {
+    vm.start().map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = vm.observe().map_err(|e| e.to_string())?;
+        if o.vcpus.len() == vm.vcpu_count() && o.vcpus.iter().all(|v| v.samples > 0) {
+            return Ok(o);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} guest produced no samples in 120 s"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// One KVM run: a source guest runs, pauses; a new VM is restored with the strategy after the
 /// downtime and started; the error is measured on the destination guest's own samples against
 /// the paused source's pvclock function.
+/// `offsets_honoured`: whether this hypervisor applies TSC offset writes (false on kvm_pvm, which
+/// accepts and ignores them; a write of the value already there proves nothing either way).
 fn kvm_once(
     s: Strategy,
     migration: bool,
     downtime: Duration,
-) -> Result<(i64, i64, u64, bool), String> {
+    offsets_honoured: bool,
+) -> Result<KvmRun, String> {
     let cfg = VmConfig {
         vcpus: 2,
         memory_mib: 1,
         force_model: false,
     };
     let src = Vm::create(&cfg).map_err(|e| e.to_string())?;
-    src.start().map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(5));
+    run_until_sampled(&src, "source")?;
     src.pause().map_err(|e| e.to_string())?;
     let sb = src.clock_backend();
     let state = capture(sb.as_ref(), 0).map_err(|e| e.to_string())?;
@@ -203,20 +255,12 @@ fn kvm_once(
         RestoreMode::LiveUpdate
     };
     let skew = if migration { SKEW_NS } else { 0 };
-    let signalled = s.apply(dst.clock_backend().as_ref(), &state, mode, skew)?;
-    dst.start().map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let obs = loop {
-        let o = dst.observe().map_err(|e| e.to_string())?;
-        if o.vcpus.len() == cfg.vcpus && o.vcpus.iter().all(|v| v.samples > 0) {
-            break o;
-        }
-        if Instant::now() > deadline {
-            return Err("destination guest produced no samples".into());
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
+    let db = dst.clock_backend();
+    let signalled = s.apply(db.as_ref(), &state, mode, skew)?;
+    let h_started = guest_clock::backend::host::rdtsc();
+    let obs = run_until_sampled(&dst, "destination")?;
     dst.pause().map_err(|e| e.to_string())?;
+    let h_paused = guest_clock::backend::host::rdtsc();
     let mut worst = 0i64;
     for o in &obs.vcpus {
         let p = sb
@@ -226,37 +270,131 @@ fn kvm_once(
         // The source's pvclock function at the destination guest's TSC, signed: the sample may
         // precede the source page's tsc_timestamp, where the guest's u64 formula would wrap.
         let want = math::pvclock_eval_ns(&p, o.guest_tsc_ticks);
-        let e = (i128::from(o.guest_kvmclock_ns) - want)
-            .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+        let e = i128::from(o.guest_kvmclock_ns) - want;
+        if e.unsigned_abs() > u128::from(plausible_ns(downtime)) {
+            return Err(format!(
+                "vCPU {}: kvmclock error {e} ns cannot be real (downtime {downtime:?}); measurement discarded",
+                o.vcpu
+            ));
+        }
+        let e = e as i64;
         if e.unsigned_abs() > worst.unsigned_abs() {
             worst = e;
         }
     }
-    // TSC: each destination vCPU's TSC against the source's, read just before and after it
-    // (sequential MSR reads: the bracket width is this measurement's resolution). The skew is
-    // the spread of those per-vCPU errors, each against its own bracket.
-    let db = dst.clock_backend();
-    let mut tsc_worst = 0i64;
-    let mut errs = Vec::new();
-    for v in 0..cfg.vcpus {
-        let a = sb.tsc_msr(v).map_err(|e| e.to_string())?;
-        let d = db.tsc_msr(v).map_err(|e| e.to_string())?;
-        let b = sb.tsc_msr(v).map_err(|e| e.to_string())?;
-        let e = math::diff_signed(d, math::midpoint_u64(a, b));
-        if e.unsigned_abs() > tsc_worst.unsigned_abs() {
-            tsc_worst = e;
-        }
-        errs.push(e);
+    let ignored = [db.tsc_control(), sb.tsc_control()].contains(&TscControl::Ignored);
+    let tsc = if offsets_honoured && !ignored {
+        tsc_by_offsets(
+            sb.as_ref(),
+            db.as_ref(),
+            &state,
+            &obs,
+            migration,
+            (h_started, h_paused),
+        )?
+    } else {
+        tsc_by_msr_bracket(sb.as_ref(), db.as_ref())?
+    };
+    src.shutdown();
+    dst.shutdown();
+    Ok(KvmRun {
+        kvmclock_error_ns: worst,
+        tsc_error_ticks: tsc.0,
+        skew_ticks: tsc.1,
+        signalled,
+        tsc_method: tsc.2,
+    })
+}
+
+/// Exact TSC error where the hypervisor honours offsets (and no scaling is in force: guest
+/// rate = host rate): at one host TSC `h`, vCPU n's guest TSC is `h + offsetₙ` on either VM.
+/// - live update: error = `(h + ofs_dst) − (h + ofs_src)` = `ofs_dst − ofs_src`;
+/// - migration: error = `(h + ofs_dst) − tsc_at_kvmclock(Tₙ, Kₙ, K_dst(h))` with `(K_dst, h)`
+///   from the destination's `KVM_GET_CLOCK` (HOST_TSC): the TSC against the kvmclock actually set.
+///
+/// Skew = spread of those errors across vCPUs. Cross-check: every destination guest sample,
+/// mapped back through its offset, is a host TSC between the destination's start and its pause.
+fn tsc_by_offsets(
+    sb: &dyn ClockBackend,
+    db: &dyn ClockBackend,
+    state: &guest_clock::format::ClockState,
+    obs: &crate::vm::GuestObservation,
+    migration: bool,
+    (h_started, h_paused): (u64, u64),
+) -> Result<(i64, u64, TscMethod), String> {
+    let khz = state.tsc.guest_tsc_khz;
+    let dst_khz = db.tsc_khz(0).map_err(|e| e.to_string())?;
+    if dst_khz != state.tsc.host_tsc_khz || khz != state.tsc.host_tsc_khz {
+        // Scaled TSCs: the offsets alone do not give the guest TSC; use the bracket.
+        return tsc_by_msr_bracket(sb, db);
     }
-    let skew = errs
+    let now = db.get_clock().map_err(|e| e.to_string())?;
+    if now.flags & KVM_CLOCK_HOST_TSC == 0 {
+        return tsc_by_msr_bracket(sb, db);
+    }
+    let mut errs = Vec::new();
+    for (n, v) in state.vcpus.iter().enumerate() {
+        let ofs_d = db.tsc_offset(n).map_err(|e| e.to_string())?;
+        let err = if migration {
+            let want = math::tsc_at_kvmclock(v.tsc_ticks, v.kvmclock_ns, now.clock_ns, khz);
+            math::diff_signed(now.host_tsc_ticks.wrapping_add(ofs_d), want)
+        } else {
+            let ofs_s = sb.tsc_offset(n).map_err(|e| e.to_string())?;
+            ofs_d.wrapping_sub(ofs_s) as i64
+        };
+        errs.push(err);
+    }
+    for o in &obs.vcpus {
+        let ofs_d = db.tsc_offset(o.vcpu).map_err(|e| e.to_string())?;
+        let h = o.guest_tsc_ticks.wrapping_sub(ofs_d);
+        if h < h_started || h > h_paused {
+            return Err(format!(
+                "vCPU {}: the guest's RDTSC {} minus offset {ofs_d} = host TSC {h}, outside \
+                 [{h_started}, {h_paused}] of its run: offsets and guest disagree",
+                o.vcpu, o.guest_tsc_ticks
+            ));
+        }
+    }
+    let worst = errs
+        .iter()
+        .copied()
+        .max_by_key(|e| e.unsigned_abs())
+        .unwrap_or(0);
+    let spread = errs
         .iter()
         .max()
         .copied()
         .unwrap_or(0)
         .abs_diff(errs.iter().min().copied().unwrap_or(0));
-    src.shutdown();
-    dst.shutdown();
-    Ok((worst, tsc_worst, skew, signalled))
+    Ok((worst, spread, TscMethod::Offsets))
+}
+
+/// Where offsets are ignored: each destination vCPU's TSC against the source's, read just
+/// before and after it (sequential MSR reads: the bracket width is this measurement's
+/// resolution). The skew is the spread of those per-vCPU errors, each against its own bracket.
+fn tsc_by_msr_bracket(
+    sb: &dyn ClockBackend,
+    db: &dyn ClockBackend,
+) -> Result<(i64, u64, TscMethod), String> {
+    let mut errs = Vec::new();
+    for v in 0..db.vcpu_count() {
+        let a = sb.tsc_msr(v).map_err(|e| e.to_string())?;
+        let d = db.tsc_msr(v).map_err(|e| e.to_string())?;
+        let b = sb.tsc_msr(v).map_err(|e| e.to_string())?;
+        errs.push(math::diff_signed(d, math::midpoint_u64(a, b)));
+    }
+    let worst = errs
+        .iter()
+        .copied()
+        .max_by_key(|e| e.unsigned_abs())
+        .unwrap_or(0);
+    let spread = errs
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .abs_diff(errs.iter().min().copied().unwrap_or(0));
+    Ok((worst, spread, TscMethod::MsrBracket))
 }
 
 fn median_us(mut v: Vec<f64>) -> f64 {
@@ -302,8 +440,7 @@ fn scaling_kvm(vcpus: usize, reps: usize) -> Result<ScalingRow, String> {
     let mut bytes = 0;
     for _ in 0..reps {
         let src = Vm::create(&cfg).map_err(|e| e.to_string())?;
-        src.start().map_err(|e| e.to_string())?;
-        std::thread::sleep(Duration::from_millis(2));
+        run_until_sampled(&src, "source")?;
         src.pause().map_err(|e| e.to_string())?;
         let b = src.clock_backend();
         let t0 = Instant::now();
@@ -380,12 +517,41 @@ fn machine() -> serde_json::Value {
 
 fn kvm_label(kind: &BackendKind) -> &'static str {
     match kind {
-        BackendKind::Kvm { flavour } if flavour == "kvm_pvm" => "pvm",
+        BackendKind::Kvm { flavour } if flavour == "kvm_pvm" => "kvm_pvm",
         BackendKind::Kvm { flavour } if flavour == "kvm_intel" => "kvm_intel",
         BackendKind::Kvm { flavour } if flavour == "kvm_amd" => "kvm_amd",
         BackendKind::Kvm { .. } => "kvm",
         BackendKind::Model { .. } => "none",
     }
+}
+
+/// Whether this KVM is itself a guest's (a real KVM module on a CPU that reports a hypervisor),
+/// and under what: `Some("QEMU TCG")` in the nested CI lane. kvm_pvm is always a guest's, by
+/// design, and is not called nested.
+pub fn nested_under(flavour: &str) -> Option<String> {
+    if !matches!(flavour, "kvm_amd" | "kvm_intel") {
+        return None;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or("");
+    if !flags.split_whitespace().any(|f| f == "hypervisor") {
+        return None;
+    }
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .unwrap_or("");
+    if model.contains("QEMU TCG") {
+        return Some("QEMU TCG".into());
+    }
+    let vendor = std::fs::read_to_string("/sys/class/dmi/id/sys_vendor").unwrap_or_default();
+    Some(match vendor.trim() {
+        "" => "a hypervisor".to_string(),
+        v => v.to_string(),
+    })
 }
 
 /// Run the benchmark.
@@ -402,9 +568,14 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
     drop(probe);
     let kvm = matches!(kind, BackendKind::Kvm { .. });
     let label = kvm_label(&kind);
+    let nested = nested_under(label);
     println!(
-        "clockvmm bench: {} reps, downtime {downtime:?}; KVM: {label}{}",
+        "clockvmm bench: {} reps, downtime {downtime:?}; KVM: {label}{}{}",
         reps,
+        nested
+            .as_deref()
+            .map(|n| format!(" (nested under {n})"))
+            .unwrap_or_default(),
         if let BackendKind::Model { reason } = &kind {
             format!(" ({reason}: model only)")
         } else {
@@ -434,17 +605,31 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
             for (si, (_, mig)) in scenarios.iter().enumerate() {
                 for (ki, s) in Strategy::ALL.iter().enumerate() {
                     let r = if *b == "kvm" {
-                        kvm_once(*s, *mig, downtime)
+                        kvm_once(*s, *mig, downtime, label != "kvm_pvm")
                     } else {
-                        model_once(*s, rep as u64, *mig, downtime.as_nanos() as u64)
+                        model_once(*s, rep as u64, *mig, downtime.as_nanos() as u64).map(
+                            |(k, t, skew, sig)| KvmRun {
+                                kvmclock_error_ns: k,
+                                tsc_error_ticks: t,
+                                skew_ticks: skew,
+                                signalled: sig,
+                                tsc_method: TscMethod::Model,
+                            },
+                        )
                     };
-                    let (k, t, skew, sig) =
-                        r.map_err(|e| format!("{b} {} {}: {e}", s.name(), scenarios[si].0))?;
+                    let r = r.map_err(|e| format!("{b} {} {}: {e}", s.name(), scenarios[si].0))?;
                     let a = &mut acc[bi][si][ki];
-                    a.k.push(k);
-                    a.t.push(t);
-                    a.skew = a.skew.max(skew);
-                    a.signalled |= sig;
+                    a.k.push(r.kvmclock_error_ns);
+                    a.t.push(r.tsc_error_ticks);
+                    a.skew = a.skew.max(r.skew_ticks);
+                    a.signalled |= r.signalled;
+                    // A row mixing methods reports the weaker one (the bracket).
+                    a.tsc_method = match (a.tsc_method, r.tsc_method) {
+                        (Some(TscMethod::MsrBracket), _) | (_, TscMethod::MsrBracket) => {
+                            Some(TscMethod::MsrBracket)
+                        }
+                        (_, m) => Some(m),
+                    };
                 }
             }
         }
@@ -467,6 +652,7 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
                     vcpu_skew_ticks: a.skew as f64,
                     signalled: a.signalled,
                     repetitions: a.k.len(),
+                    tsc_method: a.tsc_method.unwrap_or(TscMethod::Model),
                     kvmclock_error_signed_median_ns: signed
                         .get(signed.len() / 2)
                         .copied()
@@ -476,7 +662,7 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
         }
     }
     println!(
-        "\n{:<13} {:<7} {:<12} {:>14} {:>14} {:>14} {:>12} {:>12} {:>9} signalled",
+        "\n{:<13} {:<7} {:<12} {:>14} {:>14} {:>14} {:>12} {:>12} {:>9} {:<9} {:<12}",
         "strategy",
         "backend",
         "scenario",
@@ -486,10 +672,12 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
         "|TSC| med",
         "max tk",
         "skew tk",
+        "signalled",
+        "TSC method",
     );
     for r in &rows {
         println!(
-            "{:<13} {:<7} {:<12} {:>14.0} {:>14.0} {:>14.0} {:>12.0} {:>12.0} {:>9.0} {}",
+            "{:<13} {:<7} {:<12} {:>14.0} {:>14.0} {:>14.0} {:>12.0} {:>12.0} {:>9.0} {:<9} {:<12}",
             r.name,
             r.backend,
             r.scenario,
@@ -499,7 +687,12 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
             r.tsc_error_ticks.median,
             r.tsc_error_ticks.max,
             r.vcpu_skew_ticks,
-            r.signalled
+            r.signalled,
+            match r.tsc_method {
+                TscMethod::Offsets => "offsets",
+                TscMethod::MsrBracket => "msr-bracket",
+                TscMethod::Model => "model",
+            }
         );
     }
     println!("(migration: the destination wallclock is {SKEW_NS:+} ns off; strategies that use W inherit it. \
@@ -537,6 +730,8 @@ model migration also changes the host TSC rate {SRC_KHZ} -> {DST_KHZ} kHz)");
     let out = json!({
         "machine": machine(),
         "kvm": label,
+        "nested": nested.is_some(),
+        "nested_under": nested,
         "quick": quick,
         "downtime_ms": downtime.as_millis() as u64,
         "skew_ns": SKEW_NS,
