@@ -1,107 +1,14 @@
 //! The KVM backend against this machine's /dev/kvm (skipped, with the reason printed, where it
 //! is absent or unusable). Nothing here asserts on time taken.
 
-use std::sync::{Arc, Mutex};
+mod common;
 
-use guest_clock::backend::kvm::KvmBackend;
+use common::test_vm;
 use guest_clock::backend::{
     BackendError, ClockBackend, ClockData, TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
     PVCLOCK_GUEST_STOPPED,
 };
 use guest_clock::restore::{restore, RestoreMode, RestoreOptions};
-use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
-
-const MEM_SIZE: usize = 1 << 20;
-const CODE_GPA: u64 = 0x1000;
-const PVCLOCK_GPA: u64 = 0x2000;
-const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
-
-struct TestVm {
-    mem: GuestMemoryMmap,
-    vm: Arc<VmFd>,
-    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
-}
-
-/// A VM with 1 MiB of memory and `n` real-mode vCPUs looping on `out 0x10, al; jmp $-2`.
-fn test_vm(n: usize) -> Option<TestVm> {
-    let kvm = match Kvm::new() {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("SKIP: /dev/kvm not usable here ({e}); KVM backend test not run");
-            return None;
-        }
-    };
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let host = mem.get_host_address(GuestAddress(0)).unwrap();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
-        userspace_addr: host as u64,
-        flags: 0,
-    };
-    // SAFETY: the region is backed by `mem`, which lives as long as the VM in TestVm.
-    unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
-    // out 0x10, al ; jmp back to the out
-    mem.write_slice(&[0xe6, 0x10, 0xeb, 0xfc], GuestAddress(CODE_GPA))
-        .unwrap();
-    let mut vcpus = Vec::new();
-    for id in 0..n {
-        let v = vm.create_vcpu(id as u64).expect("KVM_CREATE_VCPU");
-        let mut sregs = v.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        v.set_sregs(&sregs).unwrap();
-        let mut regs = v.get_regs().unwrap();
-        regs.rip = CODE_GPA;
-        regs.rflags = 2;
-        v.set_regs(&regs).unwrap();
-        vcpus.push(Arc::new(Mutex::new(v)));
-    }
-    Some(TestVm {
-        mem,
-        vm: Arc::new(vm),
-        vcpus,
-    })
-}
-
-impl TestVm {
-    fn run_once(&self, vcpu: usize) {
-        let mut v = self.vcpus[vcpu].lock().unwrap();
-        match v.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(0x10, _) => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
-    fn run_all(&self) {
-        for n in 0..self.vcpus.len() {
-            self.run_once(n);
-        }
-    }
-    fn backend(&self) -> KvmBackend {
-        KvmBackend::new(self.vm.clone(), self.vcpus.clone()).expect("backend")
-    }
-    fn enable_kvmclock(&self, vcpu: usize) {
-        let gpa = PVCLOCK_GPA + 32 * vcpu as u64;
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_KVM_SYSTEM_TIME_NEW,
-            data: gpa | 1,
-            ..Default::default()
-        }])
-        .unwrap();
-        assert_eq!(self.vcpus[vcpu].lock().unwrap().set_msrs(&msrs).unwrap(), 1);
-    }
-    fn pvclock_flags(&self, vcpu: usize) -> u8 {
-        let mut b = [0u8; 1];
-        self.mem
-            .read_slice(&mut b, GuestAddress(PVCLOCK_GPA + 32 * vcpu as u64 + 29))
-            .unwrap();
-        b[0]
-    }
-}
 
 #[test]
 fn capabilities_and_host_info() {

@@ -115,10 +115,21 @@ fn set_clock_rejects_unknown_flags_and_realtime_on_old_kernels() {
 
 #[test]
 fn msr_write_within_one_second_is_matched() {
-    // kvm_synchronize_tsc: a write within ±1 s of the expected value takes the generation's offset.
+    // kvm_synchronize_tsc: the first non-zero user write is taken as written (Linux 6.7+,
+    // user_set_tsc); later writes within ±1 s of the expected value take the generation's offset.
     let (t, vm) = vm(|_| {}, 2);
     let gen0 = vm.state().cur_tsc_generation;
     t.advance_ns(100_000_000);
+    let now = vm.guest_tsc_now(0).unwrap();
+    let first = now + 500_000; // 0.2 ms ahead, but the first write by userspace
+    vm.set_tsc_msr(0, first).unwrap();
+    assert_eq!(
+        vm.guest_tsc_now(0).unwrap(),
+        first,
+        "first user write applied"
+    );
+    assert_eq!(vm.state().cur_tsc_generation, gen0 + 1);
+    t.advance_ns(1_000_000);
     let now = vm.guest_tsc_now(0).unwrap();
     vm.set_tsc_msr(1, now + 500_000).unwrap(); // 0.2 ms ahead: "synchronising"
     assert_eq!(
@@ -126,12 +137,12 @@ fn msr_write_within_one_second_is_matched() {
         now,
         "the write was replaced by the generation's offset"
     );
-    assert_eq!(vm.state().cur_tsc_generation, gen0);
+    assert_eq!(vm.state().cur_tsc_generation, gen0 + 1);
     // 2 s ahead: taken as written, new generation.
     let want = now + 2 * u64::from(KHZ) * 1000;
     vm.set_tsc_msr(1, want).unwrap();
     assert_eq!(vm.guest_tsc_now(1).unwrap(), want);
-    assert_eq!(vm.state().cur_tsc_generation, gen0 + 1);
+    assert_eq!(vm.state().cur_tsc_generation, gen0 + 2);
 }
 
 #[test]

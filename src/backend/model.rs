@@ -16,7 +16,7 @@
 //!   `realtime_read_gap_ns` later; with REALTIME, `clock += now − realtime` when positive (never
 //!   back); `kvmclock_offset = clock − master_kernel_ns`;
 //! - guest TSC: `scale(h, ratio) + offset` per vCPU; vCPU creation and host writes of
-//!   `MSR_IA32_TSC` go through `kvm_synchronize_tsc` (a write within ±1 s of the expected value
+//!   `MSR_IA32_TSC` go through `kvm_synchronize_tsc` (once userspace has set a TSC, a write within ±1 s of the expected value
 //!   for the elapsed time is replaced by the current generation's offset); the
 //!   `KVM_VCPU_TSC_OFFSET` attribute sets the offset exactly (`kvm_vcpu_tsc_offset_set`);
 //! - `KVM_SET_TSC_KHZ` (`kvm_set_tsc_khz`): within 250 ppm no scaling; scaling needs
@@ -248,6 +248,10 @@ pub struct ModelVmState {
     pub cur_tsc_offset: u64,
     /// Generation counter.
     pub cur_tsc_generation: u64,
+    /// `kvm->arch.user_set_tsc`: userspace has set a TSC (MSR write or offset attribute) in
+    /// this VM; until then a non-zero write is never "matched" (Linux 6.7+, "Don't sync TSC on
+    /// the first write in state restoration").
+    pub user_set_tsc: bool,
 }
 
 /// Calls that changed clock state, for tests.
@@ -314,6 +318,7 @@ impl ModelVm {
                     last_tsc_khz: 0,
                     cur_tsc_offset: 0,
                     cur_tsc_generation: 0,
+                    user_set_tsc: false,
                 },
                 counters: ModelCounters::default(),
                 tsc_control: TscControl::Unknown,
@@ -322,7 +327,7 @@ impl ModelVm {
         };
         for n in 0..vcpus {
             let mut g = lock(&vm.inner);
-            vm.synchronize_tsc(&mut g, n, 0);
+            vm.synchronize_tsc(&mut g, n, 0, false);
         }
         vm
     }
@@ -352,8 +357,11 @@ impl ModelVm {
         Ok(())
     }
 
-    /// `kvm_synchronize_tsc(vcpu, data)`: the ±1 s matching heuristic.
-    fn synchronize_tsc(&self, g: &mut Inner, vcpu: usize, data: u64) {
+    /// `kvm_synchronize_tsc(vcpu, user_value)`: the ±1 s matching heuristic. A write of 0 (vCPU
+    /// creation, or userspace asking for synchronisation) always matches; a non-zero write
+    /// matches only once userspace has set a TSC before (`user_set_tsc`) and lies within 1 s of
+    /// `last_tsc_write + elapsed`.
+    fn synchronize_tsc(&self, g: &mut Inner, vcpu: usize, data: u64, user: bool) {
         if self.host.config().ignore_tsc_writes {
             // kvm_pvm: the guest TSC is the host TSC whatever is written.
             return;
@@ -367,6 +375,8 @@ impl ModelVm {
         let khz = v.tsc_khz;
         let synchronizing = if data == 0 {
             true
+        } else if !g.st.user_set_tsc {
+            false
         } else {
             // tsc_exp = last_tsc_write + nsec_to_cycles(elapsed); a write within 1 s of it.
             let exp =
@@ -383,6 +393,7 @@ impl ModelVm {
             g.st.cur_tsc_generation += 1;
             g.st.cur_tsc_offset = offset;
         }
+        g.st.user_set_tsc |= user;
         g.st.last_tsc_nsec = ns;
         g.st.last_tsc_write = data;
         g.st.last_tsc_khz = khz;
@@ -654,6 +665,8 @@ impl ClockBackend for ModelVm {
             return Ok(());
         }
         g.st.vcpus[vcpu].tsc_offset_ticks = offset_ticks;
+        // kvm_vcpu_tsc_offset_set → __kvm_synchronize_tsc(..., user_set_tsc = true).
+        g.st.user_set_tsc = true;
         g.tsc_control = TscControl::Effective;
         self.request_master_update(&mut g);
         Ok(())
@@ -681,7 +694,7 @@ impl ClockBackend for ModelVm {
             }
             return Ok(());
         }
-        self.synchronize_tsc(&mut g, vcpu, value_ticks);
+        self.synchronize_tsc(&mut g, vcpu, value_ticks, true);
         if g.tsc_control == TscControl::Unknown {
             g.tsc_control = TscControl::Effective;
         }
