@@ -83,6 +83,8 @@ pub struct StrategyRow {
     pub kvmclock_error_signed_median_ns: f64,
     /// How the TSC columns were measured.
     pub tsc_method: TscMethod,
+    /// Repetitions thrown away because a measurement was impossible (not in the statistics).
+    pub discarded: usize,
 }
 
 /// One scaling measurement.
@@ -107,6 +109,7 @@ struct Acc {
     skew: u64,
     signalled: bool,
     tsc_method: Option<TscMethod>,
+    discarded: usize,
 }
 
 const SRC_KHZ: u32 = 2_445_404;
@@ -209,6 +212,10 @@ fn plausible_ns(downtime: Duration) -> u64 {
     downtime.as_nanos() as u64 + 60_000_000_000
 }
 
+/// Prefix of a run error that discards one repetition (an impossible measurement) instead of
+/// aborting the bench; discarded repetitions are counted in the row.
+const DISCARDED: &str = "discarded: ";
+
 /// Start `vm` and wait until every vCPU has reported a sample with a valid pvclock (a guest
 /// under TCG needs far longer than a native one to enable kvmclock; no fixed sleep).
 fn run_until_sampled(vm: &Vm, what: &str) -> Result<crate::vm::GuestObservation, String> {
@@ -273,7 +280,7 @@ fn kvm_once(
         let e = i128::from(o.guest_kvmclock_ns) - want;
         if e.unsigned_abs() > u128::from(plausible_ns(downtime)) {
             return Err(format!(
-                "vCPU {}: kvmclock error {e} ns cannot be real (downtime {downtime:?}); measurement discarded",
+                "{DISCARDED}vCPU {}: kvmclock error {e} ns cannot be real (downtime {downtime:?})",
                 o.vcpu
             ));
         }
@@ -617,8 +624,15 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
                             },
                         )
                     };
-                    let r = r.map_err(|e| format!("{b} {} {}: {e}", s.name(), scenarios[si].0))?;
                     let a = &mut acc[bi][si][ki];
+                    let r = match r {
+                        Err(e) if e.starts_with(DISCARDED) => {
+                            log::warn!("{b} {} {}: {e}", s.name(), scenarios[si].0);
+                            a.discarded += 1;
+                            continue;
+                        }
+                        r => r.map_err(|e| format!("{b} {} {}: {e}", s.name(), scenarios[si].0))?,
+                    };
                     a.k.push(r.kvmclock_error_ns);
                     a.t.push(r.tsc_error_ticks);
                     a.skew = a.skew.max(r.skew_ticks);
@@ -653,6 +667,7 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
                     signalled: a.signalled,
                     repetitions: a.k.len(),
                     tsc_method: a.tsc_method.unwrap_or(TscMethod::Model),
+                    discarded: a.discarded,
                     kvmclock_error_signed_median_ns: signed
                         .get(signed.len() / 2)
                         .copied()
@@ -694,6 +709,22 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
                 TscMethod::Model => "model",
             }
         );
+    }
+    for r in rows.iter().filter(|r| r.discarded > 0) {
+        println!(
+            "({} {} {}: {} of {} repetitions discarded as impossible measurements)",
+            r.name,
+            r.backend,
+            r.scenario,
+            r.discarded,
+            r.discarded + r.repetitions
+        );
+    }
+    if let Some(r) = rows.iter().find(|r| r.repetitions == 0) {
+        return Err(format!(
+            "{} {} {}: every repetition was discarded; no figure to report",
+            r.name, r.backend, r.scenario
+        ));
     }
     println!("(migration: the destination wallclock is {SKEW_NS:+} ns off; strategies that use W inherit it. \
 model migration also changes the host TSC rate {SRC_KHZ} -> {DST_KHZ} kHz)");
