@@ -446,5 +446,8 @@ fn another_vms_section_is_refused_or_restored_as_a_migration() {
     anonymous.vm_id = [0; 16];
     let dst = dest_vm(&a, 2);
     let r = restore(&dst, &anonymous, &same, None).unwrap();
-    assert!(r.warnings.iter().any(|w| w.contains("names no VM")), "{r:?}");
+    assert!(
+        r.warnings.iter().any(|w| w.contains("names no VM")),
+        "{r:?}"
+    );
 }

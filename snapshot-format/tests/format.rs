@@ -103,7 +103,11 @@ fn golden_vectors_decode_and_reencode_byte_for_byte() {
     assert_eq!(encode(&d3.state, 3).unwrap(), V3);
     let d2 = decode(V2).unwrap();
     assert_eq!(d2.version, 2);
-    assert_eq!(d2.state, golden_state_without_vm_id(), "v2 default: VM id unknown");
+    assert_eq!(
+        d2.state,
+        golden_state_without_vm_id(),
+        "v2 default: VM id unknown"
+    );
     assert!(!d2.state.has_vm_id());
     assert_eq!(encode(&d2.state, 2).unwrap(), V2);
     let d1 = decode(V1).unwrap();
@@ -676,7 +680,13 @@ fn v1_v2_round_trips() {
     assert_eq!(&V2[16..V2.len() - 8], &V3[16..V2.len() - 8]);
     let via_v2 = decode(&encode(&s, 2).unwrap()).unwrap();
     assert_eq!(via_v2.state.vm_id, [0; 16]);
-    assert_eq!(ClockState { vm_id: s.vm_id, ..via_v2.state }, s);
+    assert_eq!(
+        ClockState {
+            vm_id: s.vm_id,
+            ..via_v2.state
+        },
+        s
+    );
 }
 
 #[test]

@@ -210,7 +210,9 @@ pub fn restore(
             hex(&state.vm_id)
         ));
     } else if opts.expected_vm_id.is_some() && !state.has_vm_id() {
-        warnings.push("the section names no VM (v1/v2 section): its VM identity was not checked".into());
+        warnings.push(
+            "the section names no VM (v1/v2 section): its VM identity was not checked".into(),
+        );
     }
     let (mode, mode_auto) = match opts.mode {
         _ if foreign => (RestoreMode::LiveMigration, false),
