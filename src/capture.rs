@@ -146,6 +146,8 @@ pub fn capture(
         ntp: host.ntp,
         vmclock_disruption_marker,
         capture_uncertainty_ns: uncertainty_ns,
+        // The backend does not know the VM's identity; `ClockManager` fills it in.
+        vm_id: [0; 16],
     };
     info!(
         "captured clock: K={} ns at W={} ns (host TSC {}), {:?}, {} vCPUs at {} kHz",

@@ -80,6 +80,7 @@ pub struct ClockManager {
     captured: Option<ClockState>,
     last_report: Option<RestoreReport>,
     paused: bool,
+    vm_id: [u8; 16],
 }
 
 impl ClockManager {
@@ -92,7 +93,16 @@ impl ClockManager {
             captured: None,
             last_report: None,
             paused: false,
+            vm_id: [0; 16],
         }
+    }
+
+    /// The identity of the VM this manager belongs to (a random id the VMM gives the VM at its
+    /// first boot and keeps across snapshots and migrations). Every captured section carries it;
+    /// a receiver that knows the VM compares it (`RestoreOptions::expected_vm_id`).
+    pub fn with_vm_id(mut self, vm_id: [u8; 16]) -> Self {
+        self.vm_id = vm_id;
+        self
     }
 
     /// Give the manager the guest's vmclock page; it is initialised (marker 0) unless it already
@@ -143,7 +153,8 @@ impl ClockManager {
 
     /// Capture now (the vCPUs must be paused).
     pub fn capture_now(&mut self) -> Result<ClockState, CaptureError> {
-        let state = capture(self.backend.as_ref(), self.vmclock_marker())?;
+        let mut state = capture(self.backend.as_ref(), self.vmclock_marker())?;
+        state.vm_id = self.vm_id;
         self.captured = Some(state.clone());
         Ok(state)
     }

@@ -392,3 +392,62 @@ fn clock_manager_pause_snapshot_restore() {
     data.state[last] ^= 0x40;
     assert!(guest_clock::clock_state_from_snapshot(&bad).is_err());
 }
+
+/// A section carries its VM's identity (format v3); a receiver that knows the VM it restores
+/// refuses another VM's section naming `vm_id` (VM untouched), or, when asked, restores it as a
+/// signalled live migration. A section naming no VM is restored with a warning.
+#[test]
+fn another_vms_section_is_refused_or_restored_as_a_migration() {
+    use guest_clock::restore::VmIdMismatch;
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let src = Arc::new(running_vm(&a, 2));
+    let mut m = ClockManager::new(src.clone()).with_vm_id([7; 16]);
+    m.pause().unwrap();
+    let state = m.captured().unwrap().clone();
+    assert_eq!(state.vm_id, [7; 16], "the capture carries the VM id");
+    time.advance_ns(100_000_000);
+    let expect_other = RestoreOptions {
+        expected_vm_id: Some([9; 16]),
+        ..RestoreOptions::default()
+    };
+    let dst = dest_vm(&a, 2);
+    let (before, counters) = (dst.state(), dst.counters());
+    match restore(&dst, &state, &expect_other, None) {
+        Err(RestoreError::Refused { field, reason }) => {
+            assert_eq!(field, "vm_id");
+            assert!(reason.contains("07070707-"), "{reason}");
+        }
+        other => panic!("expected a vm_id refusal, got {other:?}"),
+    }
+    assert_eq!(dst.state(), before, "VM untouched");
+    assert_eq!(dst.counters(), counters, "no state-changing call");
+    // Asked to restore it anyway: a live migration, signalled, even on the same host.
+    let as_migration = RestoreOptions {
+        on_vm_id_mismatch: VmIdMismatch::RestoreAsMigration,
+        ..expect_other.clone()
+    };
+    let r = restore(&dst, &state, &as_migration, None).unwrap();
+    assert_eq!(r.mode, RestoreMode::LiveMigration);
+    assert!(!r.mode_auto);
+    assert!(!r.signalled.guest_stopped_vcpus.is_empty(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("not to this VM")));
+    // The right VM: an exact live update, nothing signalled.
+    let dst = dest_vm(&a, 2);
+    let same = RestoreOptions {
+        expected_vm_id: Some([7; 16]),
+        ..RestoreOptions::default()
+    };
+    let r = restore(&dst, &state, &same, None).unwrap();
+    assert_eq!(r.mode, RestoreMode::LiveUpdate);
+    assert!(r.signalled.guest_stopped_vcpus.is_empty());
+    // A section naming no VM (v1/v2): restored, with a warning.
+    let mut anonymous = state.clone();
+    anonymous.vm_id = [0; 16];
+    let dst = dest_vm(&a, 2);
+    let r = restore(&dst, &anonymous, &same, None).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("names no VM")),
+        "{r:?}"
+    );
+}

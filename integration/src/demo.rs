@@ -233,7 +233,9 @@ pub fn run(vcpus: usize, downtime_ms: u64, skew_ns: i64, model: bool) -> Result<
             &recv_socket,
             "PUT",
             "vm.receive-migration",
-            Some(&json!({"receiver_url": recv_url})),
+            // The receiver owns its restore policy: the demo's skew is its option.
+            Some(&json!({"receiver_url": recv_url,
+                "restore_options": {"mode": "live-migration", "inject_wallclock_skew_ns": skew_ns}})),
             Duration::from_secs(120),
         )
     });
@@ -249,11 +251,6 @@ pub fn run(vcpus: usize, downtime_ms: u64, skew_ns: i64, model: bool) -> Result<
         Some(json!({
             "destination_url": url,
             "downtime_ms": downtime_ms,
-            "restore_options": {"mode": "live-migration", "inject_wallclock_skew_ns": skew_ns,
-                "max_future_ns": 60_000_000_000u64, "max_age_ns": 31_536_000_000_000_000u64,
-                "continuity_tolerance_ppm": 1000, "continuity_floor_ns": 1_000_000,
-                "correct_residual": true, "residual_target_ns": 20, "max_correction_rounds": 3,
-                "always_signal": false},
         })),
     )?;
     match receiver.join() {

@@ -60,6 +60,12 @@ pub fn render(s: &ClockState, version: Option<u16>) -> String {
         s.ntp.status, s.ntp.maxerror_us, s.ntp.esterror_us
     );
     o += &format!("vmclock marker {}\n", s.vmclock_disruption_marker);
+    let id = if s.has_vm_id() {
+        guest_clock::restore::vm_id_string(&s.vm_id)
+    } else {
+        "unknown (v1/v2 section)".to_string()
+    };
+    o += &format!("VM id          {id}\n");
     o += &format!("vCPUs          {}\n", s.vcpus.len());
     for v in &s.vcpus {
         o += &format!(
@@ -70,26 +76,19 @@ pub fn render(s: &ClockState, version: Option<u16>) -> String {
     o
 }
 
-/// Inspect a path.
+/// Inspect a path: a snapshot directory, or a raw section file (a regular file of at most
+/// `MAX_FILE` bytes, read bounded: a FIFO or a device is refused, never waited on).
 pub fn run(path: &Path) -> Result<(), String> {
     if path.is_dir() {
-        let file = crate::vmm::read_snapshot_file(path)?;
+        let file = crate::vmm::read_snapshot_file(path).map_err(|e| e.to_string())?;
         let s = guest_clock::clock_state_from_snapshot(&file.snapshot)
             .map_err(|e| format!("bad clock section: {e}"))?;
         println!("snapshot {} ({} vCPUs)", path.display(), file.config.vcpus);
         print!("{}", render(&s, None));
         return Ok(());
     }
-    let len = std::fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
-    if len > MAX_FILE {
-        return Err(format!(
-            "{} is {len} bytes: not a clock section",
-            path.display()
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = crate::files::read_regular(path, MAX_FILE)
+        .map_err(|e| format!("{e}: not a clock section file"))?;
     let d = decode(&bytes).map_err(|e| format!("bad clock section ({}): {e}", e.field()))?;
     print!("{}", render(&d.state, Some(d.version)));
     Ok(())

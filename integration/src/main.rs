@@ -5,8 +5,11 @@ mod api;
 mod bench;
 mod client;
 mod demo;
+mod error;
+mod files;
 mod inspect;
 mod migration;
+mod sockets;
 mod vm;
 mod vmm;
 
@@ -122,12 +125,12 @@ enum RemoteCmd {
         /// Extra pause between capture and State, ms (demos).
         #[arg(long, default_value_t = 0)]
         downtime_ms: u64,
-        /// Force the receiver's restore mode.
-        #[arg(long, value_parser = ["live-update", "live-migration"])]
-        mode: Option<String>,
-        /// Pretend the receiver's wallclock is this far ahead, ns (demos).
-        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-        inject_skew_ns: i64,
+        /// Ask the receiver to signal the guest even on an exact restore (the only restore
+        /// request a sender can make: the receiver owns its policy).
+        #[arg(long)]
+        always_signal: bool,
+        #[command(flatten)]
+        deadlines: DeadlineArgs,
     },
     /// Receive a migration (into a VMM started with --no-vm).
     ReceiveMigration {
@@ -137,7 +140,32 @@ enum RemoteCmd {
         /// Refuse a sender whose VM has another vCPU count.
         #[arg(long)]
         vcpus: Option<usize>,
+        /// Force this receiver's restore mode.
+        #[arg(long, value_parser = ["live-update", "live-migration"])]
+        mode: Option<String>,
+        /// Pretend this receiver's wallclock is this far ahead of the sender's, ns (demos).
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        inject_skew_ns: i64,
+        #[command(flatten)]
+        deadlines: DeadlineArgs,
     },
+}
+
+/// Migration deadlines (see `migration::Deadlines`).
+#[derive(clap::Args)]
+struct DeadlineArgs {
+    /// One request and its response, ms.
+    #[arg(long, default_value_t = migration::Deadlines::default().phase_ms)]
+    phase_timeout_ms: u64,
+    /// The whole migration, ms.
+    #[arg(long, default_value_t = migration::Deadlines::default().total_ms)]
+    total_timeout_ms: u64,
+}
+
+impl DeadlineArgs {
+    fn to_json(&self) -> Value {
+        json!({"phase_ms": self.phase_timeout_ms, "total_ms": self.total_timeout_ms})
+    }
 }
 
 fn restore_options(mode: Option<&str>, skew_ns: i64) -> Option<RestoreOptions> {
@@ -171,24 +199,33 @@ fn remote(socket: &std::path::Path, cmd: RemoteCmd) -> Result<Value, String> {
         RemoteCmd::SendMigration {
             destination_url,
             downtime_ms,
-            mode,
-            inject_skew_ns,
+            always_signal,
+            deadlines,
         } => (
             "PUT",
             "vm.send-migration",
             Some(json!({
                 "destination_url": destination_url,
                 "downtime_ms": downtime_ms,
-                "restore_options": restore_options(mode.as_deref(), inject_skew_ns),
+                "hint": {"always_signal": always_signal},
+                "deadlines": deadlines.to_json(),
             })),
         ),
         RemoteCmd::ReceiveMigration {
             receiver_url,
             vcpus,
+            mode,
+            inject_skew_ns,
+            deadlines,
         } => (
             "PUT",
             "vm.receive-migration",
-            Some(json!({"receiver_url": receiver_url, "vcpus": vcpus})),
+            Some(json!({
+                "receiver_url": receiver_url,
+                "vcpus": vcpus,
+                "restore_options": restore_options(mode.as_deref(), inject_skew_ns),
+                "deadlines": deadlines.to_json(),
+            })),
         ),
     };
     client::call_ok(socket, method, endpoint, body.as_ref())
@@ -221,6 +258,7 @@ fn main() -> ExitCode {
                     vcpus,
                     memory_mib,
                     force_model: model,
+                    vm_id: [0; 16],
                 }) {
                     Ok(d) => println!("clockvmm: {d}"),
                     Err(e) => {

@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 use vm_migration::protocol::{Command, MemoryRangeTable, Request};
 use vm_migration::{Pausable, Snapshot, Snapshottable};
 
-use crate::migration::{self, MigrationState, MigrationUrl};
+use crate::error::{VmmError, VmmResult};
+use crate::migration::{
+    self, Deadlines, MigrationHint, MigrationState, MigrationUrl, RequestError,
+};
 use crate::vm::{
     observed_kvmclock_error_ns, observed_kvmclock_vs_tsc_error_ns, observed_tsc_error_ticks,
     GuestObservation, Vm, VmConfig,
@@ -29,7 +32,7 @@ pub const MAX_STATE_FILE: u64 = 64 << 20;
 /// state.json of a snapshot directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotFile {
-    /// The VM configuration.
+    /// The VM configuration (its identity included).
     pub config: VmConfig,
     /// The snapshot tree (child "clock").
     pub snapshot: Snapshot,
@@ -37,8 +40,17 @@ pub struct SnapshotFile {
     pub observation: GuestObservation,
 }
 
-/// A VMM error: a message for the API caller.
-pub type VmmResult<T> = Result<T, String>;
+/// What the VMM is doing with its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No VM.
+    Empty,
+    /// A VM, running or paused (see `paused`).
+    Active,
+    /// A migration sent Complete and never learnt the outcome: the VM stays paused until an
+    /// operator resumes it (after checking the destination) or shuts it down.
+    OutcomeUnknown,
+}
 
 /// The VMM state.
 pub struct Vmm {
@@ -49,12 +61,22 @@ pub struct Vmm {
     report: Option<RestoreReport>,
     note: String,
     paused: bool,
+    phase: Phase,
 }
 
 impl Default for Vmm {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The receiving side's progress through one migration (reset for every sender).
+#[derive(Default)]
+struct Receiving {
+    config: Option<VmConfig>,
+    memory_loaded: bool,
+    /// Clocks restored at State (vCPUs not started yet) and the sender's observation.
+    restored: Option<(RestoreReport, GuestObservation)>,
 }
 
 impl Vmm {
@@ -67,31 +89,48 @@ impl Vmm {
             report: None,
             note: "no VM".into(),
             paused: false,
+            phase: Phase::Empty,
         }
     }
 
-    /// Create and start a VM.
+    /// Create and start a VM (it gets a new identity unless the config carries one).
     pub fn boot(&mut self, cfg: &VmConfig) -> VmmResult<String> {
         if self.vm.is_some() {
-            return Err("a VM already exists".into());
+            return Err(VmmError::state("a VM already exists"));
         }
         let vm = self.create(cfg)?;
-        vm.start().map_err(|e| e.to_string())?;
+        vm.start()?;
         self.note = "running".into();
         Ok(vm.describe())
     }
 
     fn create(&mut self, cfg: &VmConfig) -> VmmResult<Arc<Vm>> {
-        let vm = Arc::new(Vm::create(cfg).map_err(|e| e.to_string())?);
-        let clock = ClockManager::new(vm.clock_backend()).with_vmclock(vm.vmclock_memory());
+        let mut cfg = cfg.clone();
+        if cfg.vm_id == [0; 16] {
+            cfg.vm_id = crate::vm::new_vm_id();
+        }
+        let vm = Arc::new(Vm::create(&cfg)?);
+        let clock = ClockManager::new(vm.clock_backend())
+            .with_vmclock(vm.vmclock_memory())
+            .with_vm_id(cfg.vm_id);
         self.vm = Some(vm.clone());
         self.clock = Some(clock);
         self.paused = false;
+        self.phase = Phase::Active;
         Ok(vm)
     }
 
     fn vm(&self) -> VmmResult<Arc<Vm>> {
-        self.vm.clone().ok_or_else(|| "no VM".to_string())
+        self.vm.clone().ok_or(VmmError::NoVm)
+    }
+
+    fn no_vm_yet(&self, what: &str) -> VmmResult<()> {
+        match self.phase {
+            Phase::Empty => Ok(()),
+            _ => Err(VmmError::state(format!(
+                "a VM already exists: {what} needs a VMM started with --no-vm"
+            ))),
+        }
     }
 
     /// Pause the vCPUs, then capture the clocks.
@@ -100,22 +139,27 @@ impl Vmm {
         if self.paused {
             return Ok(());
         }
-        vm.pause().map_err(|e| e.to_string())?;
+        vm.pause()?;
         if let Some(c) = self.clock.as_mut() {
-            c.pause().map_err(|e| e.to_string())?;
+            c.pause().map_err(VmmError::failed)?;
         }
         self.paused = true;
         Ok(())
     }
 
-    /// Resume (clocks untouched).
+    /// Resume (clocks untouched). After a migration whose outcome is unknown this is the
+    /// operator's decision that the destination does not run the guest.
     pub fn resume(&mut self) -> VmmResult<()> {
         let vm = self.vm()?;
         if let Some(c) = self.clock.as_mut() {
-            c.resume().map_err(|e| e.to_string())?;
+            c.resume().map_err(VmmError::failed)?;
         }
-        vm.resume().map_err(|e| e.to_string())?;
+        vm.resume()?;
         self.paused = false;
+        if self.phase == Phase::OutcomeUnknown {
+            warn!("resumed by the operator after a migration of unknown outcome");
+            self.phase = Phase::Active;
+        }
         Ok(())
     }
 
@@ -123,10 +167,15 @@ impl Vmm {
     pub fn info(&self) -> Value {
         match &self.vm {
             Some(vm) => json!({
-                "state": if self.paused { "paused" } else { "running" },
+                "state": match self.phase {
+                    Phase::OutcomeUnknown => "migration-outcome-unknown",
+                    _ if self.paused => "paused",
+                    _ => "running",
+                },
                 "backend": vm.describe(),
                 "backend_kind": vm.backend_kind(),
                 "config": vm.config(),
+                "vm_id": guest_clock::restore::vm_id_string(&vm.config().vm_id),
                 "vcpus": vm.vcpu_count(),
             }),
             None => json!({"state": self.note, "backend": null}),
@@ -136,7 +185,7 @@ impl Vmm {
     /// vm.clock: the guest-observed clock, the error across the last disruption, the report.
     pub fn clock(&self) -> VmmResult<Value> {
         let vm = self.vm()?;
-        let now = vm.observe().map_err(|e| e.to_string())?;
+        let now = vm.observe()?;
         let khz = vm.clock_backend().tsc_khz(0).unwrap_or(0);
         let mut errors = Vec::new();
         if let Some(before) = &self.before {
@@ -164,62 +213,85 @@ impl Vmm {
     }
 
     fn snapshot_tree(&mut self) -> VmmResult<Snapshot> {
-        let clock = self.clock.as_mut().ok_or("no VM")?;
+        let clock = self.clock.as_mut().ok_or(VmmError::NoVm)?;
         let mut root = Snapshot::default();
         root.add_snapshot(
             CLOCK_SNAPSHOT_ID.to_string(),
-            clock.snapshot().map_err(|e| e.to_string())?,
+            clock.snapshot().map_err(VmmError::failed)?,
         );
         Ok(root)
     }
 
-    /// vm.snapshot to `file://DIR`: pauses first (the VM stays paused, like CH).
+    /// vm.snapshot to `file://DIR`: pauses first (the VM stays paused, like CH). The files are
+    /// created 0600 and never written through a symlink or over a non-regular file.
     pub fn snapshot(&mut self, url: &str) -> VmmResult<String> {
         let dir = file_url(url)?;
+        if self.phase == Phase::OutcomeUnknown {
+            return Err(VmmError::state(
+                "a migration of unknown outcome holds this VM: resume or shut it down first",
+            ));
+        }
         self.pause()?;
         let vm = self.vm()?;
-        let observation = vm.observe().map_err(|e| e.to_string())?;
+        let observation = vm.observe()?;
         let file = SnapshotFile {
             config: vm.config().clone(),
             snapshot: self.snapshot_tree()?,
             observation,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join(STATE_FILE), json).map_err(|e| e.to_string())?;
-        let mut f = std::fs::File::create(dir.join(MEMORY_FILE)).map_err(|e| e.to_string())?;
-        vm.save_memory(&mut f).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| VmmError::failed(format!("{}: {e}", dir.display())))?;
+        let json = serde_json::to_vec_pretty(&file).map_err(VmmError::failed)?;
+        let mut f = crate::files::create_regular(&dir.join(STATE_FILE)).map_err(VmmError::bad)?;
+        std::io::Write::write_all(&mut f, &json).map_err(VmmError::failed)?;
+        let mut f = crate::files::create_regular(&dir.join(MEMORY_FILE)).map_err(VmmError::bad)?;
+        vm.save_memory(&mut f)?;
         info!("snapshot written to {}", dir.display());
         Ok(dir.display().to_string())
     }
 
-    /// vm.restore from `file://DIR` into a new VM: the clock section is decoded and validated
-    /// before any vCPU is created.
+    /// vm.restore from `file://DIR` into a new VM, with this VMM's restore policy. Everything is
+    /// checked before any VM exists: state.json and memory.bin are regular files (no symlinks)
+    /// of bounded and exact sizes, the clock section decodes and belongs to the VM of the
+    /// snapshot (`vm_id`).
     pub fn restore(
         &mut self,
         url: &str,
         options: Option<RestoreOptions>,
     ) -> VmmResult<RestoreReport> {
-        if self.vm.is_some() {
-            return Err("a VM already exists: restore needs a VMM started with --no-vm".into());
-        }
+        self.no_vm_yet("restore")?;
         let dir = file_url(url)?;
         let file = read_snapshot_file(&dir)?;
-        let state = clock_state_from_snapshot(&file.snapshot)
-            .map_err(|e| format!("clock section refused before creating the VM: {e}"))?;
+        let state = clock_state_from_snapshot(&file.snapshot).map_err(|e| {
+            VmmError::bad(format!("clock section refused before creating the VM: {e}"))
+        })?;
+        let want = memory_bytes(&file.config)?;
+        let (mut mem, have) = crate::files::open_regular(&dir.join(MEMORY_FILE), want)
+            .map_err(|e| VmmError::bad(format!("refused before creating the VM: {e}")))?;
+        if have != want {
+            return Err(VmmError::bad(format!(
+                "refused before creating the VM: {MEMORY_FILE} is {have} bytes, the VM has {want}"
+            )));
+        }
+        let mut options = options.unwrap_or_default();
+        if file.config.vm_id != [0; 16] {
+            options.expected_vm_id = Some(file.config.vm_id);
+        }
+        // A dry validation needs the destination VM; the restore below refuses before its first
+        // ioctl, and any failure discards the VM.
         let vm = self.create(&file.config)?;
-        let mut mem = std::fs::File::open(dir.join(MEMORY_FILE)).map_err(|e| e.to_string())?;
         let result = (|| {
-            vm.load_memory(&mut mem).map_err(|e| e.to_string())?;
-            let clock = self.clock.as_mut().ok_or("no clock manager")?;
-            if let Some(o) = options {
-                clock.set_restore_options(o);
-            }
-            clock.restore_state(&state).map_err(|e| e.to_string())
-        })();
+            vm.load_memory(&mut mem)?;
+            let clock = self.clock.as_mut().ok_or(VmmError::NoVm)?;
+            clock.set_restore_options(options);
+            clock.restore_state(&state).map_err(restore_error)
+        })()
+        .and_then(|report| {
+            vm.start()?;
+            Ok(report)
+        });
         match result {
             Ok(report) => {
-                vm.start().map_err(|e| e.to_string())?;
                 self.before = Some(file.observation);
                 self.report = Some(report.clone());
                 self.note = "restored".into();
@@ -227,6 +299,7 @@ impl Vmm {
             }
             Err(e) => {
                 self.discard();
+                self.note = "no VM (the last restore failed)".into();
                 Err(e)
             }
         }
@@ -238,93 +311,144 @@ impl Vmm {
         }
         self.clock = None;
         self.paused = false;
+        self.before = None;
+        self.report = None;
+        self.phase = Phase::Empty;
     }
 
-    /// vm.send-migration: on any failure the source resumes and the reason is returned.
+    /// vm.send-migration, following the hand-over rule of [`crate::migration`]: any failure
+    /// before Complete resumes the source; after Complete it resumes only on an explicit refusal.
     pub fn send_migration(
         &mut self,
         url: &str,
         downtime_ms: u64,
-        restore_options: Option<RestoreOptions>,
+        hint: MigrationHint,
+        deadlines: Deadlines,
     ) -> VmmResult<String> {
-        let target = MigrationUrl::parse(url)?;
+        let target = MigrationUrl::parse(url).map_err(VmmError::bad)?;
         let vm = self.vm()?;
-        let mut s = target.connect()?;
-        let result = (|| -> VmmResult<()> {
-            migration::request(&mut s, Request::start(), &[])?;
+        if self.phase == Phase::OutcomeUnknown {
+            return Err(VmmError::state(
+                "a migration of unknown outcome holds this VM: resume or shut it down first",
+            ));
+        }
+        let mut s = target.connect(deadlines).map_err(VmmError::failed)?;
+        let before_complete = (|| -> Result<(), String> {
+            let rq = |s: &mut migration::Stream, r, p: &[u8]| {
+                migration::request(s, r, p).map_err(|e| e.to_string())
+            };
+            rq(&mut s, Request::start(), &[])?;
             let cfg = migration::config_payload(vm.config());
-            migration::request(&mut s, Request::config(cfg.len() as u64), &cfg)?;
+            rq(&mut s, Request::config(cfg.len() as u64), &cfg)?;
             // Memory: the table, then its bytes (the guest keeps running meanwhile; its memory
             // holds no state the clocks depend on).
             let table = migration::memory_table(vm.memory_size());
             let mut payload = Vec::new();
             table.write_to(&mut payload).map_err(|e| e.to_string())?;
             vm.save_memory(&mut payload).map_err(|e| e.to_string())?;
-            migration::request(&mut s, Request::memory(table.length()), &payload)?;
-            self.pause()?;
+            rq(&mut s, Request::memory(table.length()), &payload)?;
+            self.pause().map_err(|e| e.to_string())?;
             let observation = vm.observe().map_err(|e| e.to_string())?;
             if downtime_ms > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(downtime_ms));
             }
             let st = MigrationState {
-                snapshot: self.snapshot_tree()?,
+                snapshot: self.snapshot_tree().map_err(|e| e.to_string())?,
                 observation,
-                restore_options: restore_options.clone(),
+                hint,
             };
             let payload = serde_json::to_vec(&st).map_err(|e| e.to_string())?;
-            migration::request(&mut s, Request::state(payload.len() as u64), &payload)?;
-            migration::request(&mut s, Request::complete(), &[])
+            rq(&mut s, Request::state(payload.len() as u64), &payload)
         })();
-        match result {
+        if let Err(e) = before_complete {
+            warn!("migration failed before Complete: {e}; resuming the source");
+            let _ = Request::abandon().write_to(&mut s);
+            if self.paused {
+                self.resume()?;
+            }
+            return Err(VmmError::failed(e));
+        }
+        // Past this point the receiver may start the guest at any moment.
+        match migration::request(&mut s, Request::complete(), &[]) {
             Ok(()) => {
                 self.discard();
                 self.note = "migrated".into();
                 Ok(format!("migrated to {url}"))
             }
-            Err(e) => {
-                warn!("migration failed: {e}; resuming the source");
-                let _ = Request::abandon().write_to(&mut s);
-                if self.paused {
-                    self.resume()?;
-                }
-                Err(e)
+            Err(RequestError::Refused(e)) => {
+                warn!("receiver refused Complete: {e}; resuming the source");
+                self.resume()?;
+                Err(VmmError::failed(e))
+            }
+            Err(RequestError::NoAnswer(e)) => {
+                self.phase = Phase::OutcomeUnknown;
+                warn!(
+                    "migration outcome unknown ({e}): the source stays paused; resume it only \
+                     after checking that the destination does not run the guest"
+                );
+                Err(VmmError::failed(format!(
+                    "migration outcome unknown after Complete ({e}): the source VM stays paused; \
+                     the destination may be running the guest. Check it, then vm.resume or \
+                     vmm.shutdown this VMM"
+                )))
             }
         }
     }
 
-    /// vm.receive-migration: accept one sender and run the receiving side.
+    /// vm.receive-migration: accept one sender and run the receiving side with this
+    /// receiver's restore policy (`options`, a sender's hint can only add signalling). Any
+    /// failure discards everything this attempt built.
     pub fn receive_migration(
         &mut self,
         url: &str,
         expect_vcpus: Option<usize>,
+        options: Option<RestoreOptions>,
+        deadlines: Deadlines,
     ) -> VmmResult<String> {
-        if self.vm.is_some() {
-            return Err("a VM already exists: receive needs a VMM started with --no-vm".into());
-        }
-        let source = MigrationUrl::parse(url)?;
-        let mut s = source.accept_one()?;
-        let mut memory_loaded = false;
+        self.no_vm_yet("receive")?;
+        let source = MigrationUrl::parse(url).map_err(VmmError::bad)?;
+        let mut s = source.accept_one(deadlines).map_err(VmmError::failed)?;
+        let options = options.unwrap_or_default();
+        let mut rx = Receiving::default();
         loop {
-            let req = Request::read_from(&mut s).map_err(|e| {
-                self.discard();
-                format!("sender went away: {e}")
-            })?;
-            let step = self.receive_step(&mut s, &req, expect_vcpus, &mut memory_loaded);
+            s.begin_phase("waiting for a request");
+            let req = match Request::read_from(&mut s) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.discard();
+                    self.note = "no VM (the last receive failed)".into();
+                    return Err(VmmError::failed(format!("sender went away: {e}")));
+                }
+            };
+            s.begin_phase(migration::command_name(req.command()));
+            let step = self.receive_step(&mut s, &req, expect_vcpus, &options, &mut rx);
             match step {
-                Ok(Step::Continue) => migration::reply_ok(&mut s)?,
+                Ok(Step::Continue) => {
+                    if let Err(e) = migration::reply_ok(&mut s) {
+                        self.discard();
+                        self.note = "no VM (the last receive failed)".into();
+                        return Err(VmmError::failed(format!("sender went away: {e}")));
+                    }
+                }
                 Ok(Step::Done) => {
-                    migration::reply_ok(&mut s)?;
+                    // The vCPUs run already: the guest is ours even if the sender never reads
+                    // this Ok (it then stays paused, see the hand-over rule).
                     self.note = "received".into();
+                    if let Err(e) = migration::reply_ok(&mut s) {
+                        warn!("the sender did not get the final Ok ({e}); running the guest");
+                    }
                     return Ok("migration received".into());
                 }
                 Ok(Step::Abandoned) => {
                     self.discard();
-                    return Err("the sender abandoned the migration".into());
+                    self.note = "no VM (the sender abandoned)".into();
+                    return Err(VmmError::failed("the sender abandoned the migration"));
                 }
                 Err(e) => {
                     warn!("refusing {}: {e}", migration::command_name(req.command()));
-                    migration::reply_error(&mut s, &e);
+                    migration::reply_error(&mut s, &e.to_string());
                     self.discard();
+                    self.note = "no VM (the last receive failed)".into();
                     return Err(e);
                 }
             }
@@ -336,71 +460,94 @@ impl Vmm {
         s: &mut migration::Stream,
         req: &Request,
         expect_vcpus: Option<usize>,
-        memory_loaded: &mut bool,
+        options: &RestoreOptions,
+        rx: &mut Receiving,
     ) -> VmmResult<Step> {
+        let order = |m: &str| Err(VmmError::bad(m.to_string()));
         match req.command() {
             Command::Start => Ok(Step::Continue),
             Command::Config => {
-                let p = migration::read_payload(s, req, migration::MAX_CONFIG_LEN)?;
-                let cfg: VmConfig =
-                    serde_json::from_slice(&p).map_err(|e| format!("bad Config: {e}"))?;
+                if rx.config.is_some() {
+                    return order("a second Config");
+                }
+                let p = migration::read_payload(s, req, migration::MAX_CONFIG_LEN)
+                    .map_err(VmmError::bad)?;
+                let cfg: VmConfig = serde_json::from_slice(&p)
+                    .map_err(|e| VmmError::bad(format!("bad Config: {e}")))?;
                 if let Some(n) = expect_vcpus {
                     if n != cfg.vcpus {
-                        return Err(format!(
+                        return Err(VmmError::bad(format!(
                             "vCPU count mismatch: the sender has {}, this receiver expects {n}",
                             cfg.vcpus
-                        ));
+                        )));
                     }
                 }
                 self.create(&cfg)?;
+                rx.config = Some(cfg);
                 Ok(Step::Continue)
             }
             Command::Memory => {
+                if rx.config.is_none() {
+                    return order("Memory before Config");
+                }
                 let vm = self.vm()?;
-                let table =
-                    MemoryRangeTable::read_from(s, req.length()).map_err(|e| e.to_string())?;
+                let table = MemoryRangeTable::read_from(s, req.length())
+                    .map_err(|e| VmmError::bad(e.to_string()))?;
                 let size = vm.memory_size();
                 if table.regions().len() != 1
                     || table.regions()[0].gpa != 0
                     || table.regions()[0].length != size
                 {
-                    return Err(format!(
+                    return Err(VmmError::bad(format!(
                         "memory table {table:?} does not cover the {size}-byte guest"
-                    ));
+                    )));
                 }
-                vm.load_memory(s).map_err(|e| e.to_string())?;
-                *memory_loaded = true;
+                vm.load_memory(s)?;
+                rx.memory_loaded = true;
                 Ok(Step::Continue)
             }
             Command::State => {
-                if !*memory_loaded {
-                    return Err("State before Memory".into());
+                if !rx.memory_loaded {
+                    return order("State before Memory");
                 }
-                let p = migration::read_payload(s, req, migration::MAX_STATE_LEN)?;
-                let st: MigrationState =
-                    serde_json::from_slice(&p).map_err(|e| format!("bad State: {e}"))?;
-                let state = clock_state_from_snapshot(&st.snapshot).map_err(|e| e.to_string())?;
-                let vm = self.vm()?;
-                let clock = self.clock.as_mut().ok_or("no VM")?;
-                if let Some(o) = st.restore_options {
-                    clock.set_restore_options(o);
+                if rx.restored.is_some() {
+                    return order("a second State");
                 }
-                let report = clock.restore_state(&state).map_err(|e| e.to_string())?;
-                vm.start().map_err(|e| e.to_string())?;
-                self.before = Some(st.observation);
-                self.report = Some(report);
+                let p = migration::read_payload(s, req, migration::MAX_STATE_LEN)
+                    .map_err(VmmError::bad)?;
+                let st: MigrationState = serde_json::from_slice(&p)
+                    .map_err(|e| VmmError::bad(format!("bad State: {e}")))?;
+                let state = clock_state_from_snapshot(&st.snapshot)
+                    .map_err(|e| VmmError::bad(e.to_string()))?;
+                // The receiver's policy; the sender's hint may only add signalling.
+                let mut opts = options.clone();
+                opts.always_signal |= st.hint.always_signal;
+                if let Some(id) = rx.config.as_ref().map(|c| c.vm_id) {
+                    if id != [0; 16] {
+                        opts.expected_vm_id = Some(id);
+                    }
+                }
+                let clock = self.clock.as_mut().ok_or(VmmError::NoVm)?;
+                clock.set_restore_options(opts);
+                let report = clock.restore_state(&state).map_err(restore_error)?;
+                rx.restored = Some((report, st.observation));
                 Ok(Step::Continue)
             }
             Command::Complete => {
-                if self.report.is_none() {
-                    return Err("Complete before State".into());
-                }
+                let Some((report, observation)) = rx.restored.take() else {
+                    return order("Complete before State");
+                };
+                // Start the guest before confirming: see the hand-over rule.
+                self.vm()?.start()?;
+                self.before = Some(observation);
+                self.report = Some(report);
                 Ok(Step::Done)
             }
             Command::Abandon => Ok(Step::Abandoned),
-            Command::Invalid | Command::MemoryFd => {
-                Err(format!("unsupported command {:?}", req.command()))
-            }
+            Command::Invalid | Command::MemoryFd => Err(VmmError::bad(format!(
+                "unsupported command {:?}",
+                req.command()
+            ))),
         }
     }
 
@@ -417,23 +564,29 @@ enum Step {
     Abandoned,
 }
 
-/// The directory of a `file://DIR` URL.
-pub fn file_url(url: &str) -> VmmResult<PathBuf> {
-    vm_migration::url::url_to_path(url).map_err(|e| e.to_string())
+/// A refusal is the caller's input at fault (400); anything else is a failure (500).
+fn restore_error(e: guest_clock::restore::RestoreError) -> VmmError {
+    match e {
+        guest_clock::restore::RestoreError::Refused { .. } => VmmError::bad(e),
+        other => VmmError::failed(other),
+    }
 }
 
-/// Read and parse a snapshot directory's state.json (bounded).
+/// The guest memory size a configuration asks for, bytes.
+fn memory_bytes(cfg: &VmConfig) -> VmmResult<u64> {
+    (cfg.memory_mib as u64)
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmmError::bad(format!("{} MiB of memory", cfg.memory_mib)))
+}
+
+/// The directory of a `file://DIR` URL.
+pub fn file_url(url: &str) -> VmmResult<PathBuf> {
+    vm_migration::url::url_to_path(url).map_err(|e| VmmError::bad(e.to_string()))
+}
+
+/// Read and parse a snapshot directory's state.json (a regular file, no symlink, bounded).
 pub fn read_snapshot_file(dir: &Path) -> VmmResult<SnapshotFile> {
     let path = dir.join(STATE_FILE);
-    let len = std::fs::metadata(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
-    if len > MAX_STATE_FILE {
-        return Err(format!(
-            "{} is {len} bytes (bound {MAX_STATE_FILE})",
-            path.display()
-        ));
-    }
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = crate::files::read_regular(&path, MAX_STATE_FILE).map_err(VmmError::bad)?;
+    serde_json::from_slice(&bytes).map_err(|e| VmmError::bad(format!("{}: {e}", path.display())))
 }

@@ -26,7 +26,7 @@ pub const MAX_VCPUS: usize = 4096;
 /// The frame magic.
 pub const MAGIC: [u8; 8] = *b"GCLKSECT";
 /// The newest format version this code reads and writes.
-pub const CURRENT_VERSION: u16 = 2;
+pub const CURRENT_VERSION: u16 = 3;
 /// The oldest format version this code reads and writes.
 pub const OLDEST_VERSION: u16 = 1;
 /// Frame header size: magic, version, reserved, payload length.
@@ -139,15 +139,17 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> FormatError {
 }
 
 /// The version map: format version 1 = every type at version 1; format version 2 =
-/// [`ClockState`] at version 2 (adds `capture_uncertainty_ns`).
+/// [`ClockState`] at version 2 (adds `capture_uncertainty_ns`); format version 3 = [`ClockState`]
+/// at version 3 (adds `vm_id`).
 pub fn version_map() -> VersionMap {
     let mut vm = VersionMap::new();
     vm.new_version().set_type_version(ClockState::type_id(), 2);
+    vm.new_version().set_type_version(ClockState::type_id(), 3);
     vm
 }
 
 /// The section version used for a versionize application version (a VMM's version map may be
-/// ahead of ours: anything ≥ 2 means v2).
+/// ahead of ours: anything ≥ 3 means v3).
 pub fn version_for_app_version(app_version: u16) -> u16 {
     app_version.clamp(OLDEST_VERSION, CURRENT_VERSION)
 }
@@ -245,7 +247,8 @@ pub struct Decoded {
 }
 
 /// Encode `state` as a framed section of format `version`. Validates first. Encoding at
-/// version 1 drops `capture_uncertainty_ns` (a v1 receiver decodes it as unknown, `u64::MAX`).
+/// version 1 drops `capture_uncertainty_ns` (a v1 receiver decodes it as unknown, `u64::MAX`);
+/// encoding at version 1 or 2 drops `vm_id` (decoded as unknown, all zeros).
 ///
 /// The output is `decode`'s exact inverse: `encode(&decode(b)?.state, decode(b)?.version) == b`
 /// for every `b` that decodes.
@@ -283,13 +286,14 @@ pub fn encode(state: &ClockState, version: u16) -> Result<Vec<u8>, FormatError> 
 }
 
 /// Minimum encoded size of what follows the vCPUs: host identity with an empty clocksource
-/// (8 + 16 + 4 + 8), NTP state (4 + 8 + 8), the vmclock marker (8), and for v2 the uncertainty (8).
+/// (8 + 16 + 4 + 8), NTP state (4 + 8 + 8), the vmclock marker (8), from v2 the uncertainty (8),
+/// from v3 the VM id (16).
 fn payload_min_tail_len(version: u16) -> usize {
     let v1 = 36 + 20 + 8;
-    if version >= 2 {
-        v1 + 8
-    } else {
-        v1
+    match version {
+        0 | 1 => v1,
+        2 => v1 + 8,
+        _ => v1 + 8 + 16,
     }
 }
 

@@ -116,6 +116,12 @@ pub struct ClockState {
     /// `u64::MAX`, "unknown" (see `default_capture_uncertainty_ns`); encoding at v1 drops it.
     #[version(start = 2, default_fn = "default_capture_uncertainty_ns")]
     pub capture_uncertainty_ns: u64,
+    /// v3: the identity of the VM the section belongs to: a random 128-bit id (UUID v4 bytes)
+    /// the VMM gives a VM at its first boot and carries through every snapshot and migration.
+    /// All zeros: unknown (v1 and v2 streams decode to it, see `default_vm_id`; a VMM that gives
+    /// its VMs no identity writes it). A receiver that knows which VM it restores compares it.
+    #[version(start = 3, default_fn = "default_vm_id")]
+    pub vm_id: [u8; 16],
 }
 
 // versionize_derive does not accept `#[default]` on enum variants, so this stays hand-written.
@@ -132,5 +138,16 @@ impl ClockState {
     /// reports the uncertainty as unknown and relies on `capture_kind` and the NTP error instead.
     fn default_capture_uncertainty_ns(_source_version: u16) -> u64 {
         u64::MAX
+    }
+
+    /// Default of `vm_id` for a v1 or v2 stream: all zeros, "unknown". Those senders did not
+    /// record which VM the section belongs to, so a receiver cannot check it (it warns).
+    fn default_vm_id(_source_version: u16) -> [u8; 16] {
+        [0; 16]
+    }
+
+    /// Whether the section names its VM (`vm_id` is not all zeros).
+    pub fn has_vm_id(&self) -> bool {
+        self.vm_id != [0; 16]
     }
 }

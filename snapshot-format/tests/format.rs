@@ -50,11 +50,26 @@ fn golden_state() -> ClockState {
         },
         vmclock_disruption_marker: 3,
         capture_uncertainty_ns: 0,
+        vm_id: GOLDEN_VM_ID,
     }
 }
 
+/// The golden vectors' VM id (v3): a fixed UUID v4, 5ec7c10c-0000-4000-8000-00000000c10c.
+const GOLDEN_VM_ID: [u8; 16] = [
+    0x5e, 0xc7, 0xc1, 0x0c, 0x00, 0x00, 0x40, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc1, 0x0c,
+];
+
 const V1: &[u8] = include_bytes!("../vectors/clock-v1.bin");
 const V2: &[u8] = include_bytes!("../vectors/clock-v2.bin");
+const V3: &[u8] = include_bytes!("../vectors/clock-v3.bin");
+
+/// What a v1 or v2 stream of the golden state decodes to: the VM id unknown.
+fn golden_state_without_vm_id() -> ClockState {
+    ClockState {
+        vm_id: [0; 16],
+        ..golden_state()
+    }
+}
 
 /// Regenerate the vectors: `GUEST_CLOCK_WRITE_VECTORS=1 cargo test -p guest-clock-format
 /// --test format write_vectors`. Without the variable it checks nothing is stale.
@@ -72,14 +87,28 @@ fn write_vectors() {
             encode(&golden_state(), 2).unwrap(),
         )
         .unwrap();
+        std::fs::write(
+            format!("{dir}/clock-v3.bin"),
+            encode(&golden_state(), 3).unwrap(),
+        )
+        .unwrap();
     }
 }
 
 #[test]
 fn golden_vectors_decode_and_reencode_byte_for_byte() {
+    let d3 = decode(V3).unwrap();
+    assert_eq!(d3.version, 3);
+    assert_eq!(d3.state, golden_state());
+    assert_eq!(encode(&d3.state, 3).unwrap(), V3);
     let d2 = decode(V2).unwrap();
     assert_eq!(d2.version, 2);
-    assert_eq!(d2.state, golden_state());
+    assert_eq!(
+        d2.state,
+        golden_state_without_vm_id(),
+        "v2 default: VM id unknown"
+    );
+    assert!(!d2.state.has_vm_id());
     assert_eq!(encode(&d2.state, 2).unwrap(), V2);
     let d1 = decode(V1).unwrap();
     assert_eq!(d1.version, 1);
@@ -93,7 +122,7 @@ fn golden_vectors_decode_and_reencode_byte_for_byte() {
             capture_uncertainty_ns: 0,
             ..d1.state.clone()
         },
-        golden_state()
+        golden_state_without_vm_id()
     );
     assert_eq!(encode(&d1.state, 1).unwrap(), V1);
 }
@@ -101,9 +130,14 @@ fn golden_vectors_decode_and_reencode_byte_for_byte() {
 #[test]
 fn encoding_of_the_fixed_state_is_stable() {
     assert_eq!(
+        encode(&golden_state(), 3).unwrap(),
+        V3,
+        "the v3 encoding changed: bump the version"
+    );
+    assert_eq!(
         encode(&golden_state(), 2).unwrap(),
         V2,
-        "the v2 encoding changed: bump the version"
+        "the v2 encoding changed"
     );
     assert_eq!(
         encode(&golden_state(), 1).unwrap(),
@@ -123,7 +157,7 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
 #[test]
 fn spec_offsets_match_the_vectors() {
     let s = golden_state();
-    for (v, bytes) in [(1u16, V1), (2, V2)] {
+    for (v, bytes) in [(1u16, V1), (2, V2), (3, V3)] {
         assert_eq!(&bytes[0..8], b"GCLKSECT");
         assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), v);
         let len = u32_at(bytes, 12) as usize;
@@ -180,7 +214,11 @@ fn spec_offsets_match_the_vectors() {
         assert_eq!(u64_at(bytes, n + 12) as i64, s.ntp.esterror_us);
         assert_eq!(u64_at(bytes, n + 20), s.vmclock_disruption_marker);
         let end = n + 28;
-        if v == 2 {
+        if v == 3 {
+            assert_eq!(u64_at(bytes, end), s.capture_uncertainty_ns, "v2 field");
+            assert_eq!(&bytes[end + 8..end + 24], &s.vm_id, "v3 field");
+            assert_eq!(end + 24, 16 + len);
+        } else if v == 2 {
             assert_eq!(u64_at(bytes, end), s.capture_uncertainty_ns, "v2 field");
             assert_eq!(end + 8, 16 + len);
         } else {
@@ -199,7 +237,7 @@ fn v2_state_at_v1_drops_uncertainty() {
     s.capture_uncertainty_ns = 750;
     let d = decode(&encode(&s, 1).unwrap()).unwrap();
     assert_eq!(d.state.capture_uncertainty_ns, u64::MAX);
-    assert_eq!(decode(&encode(&s, 2).unwrap()).unwrap().state, s);
+    assert_eq!(decode(&encode(&s, 3).unwrap()).unwrap().state, s);
 }
 
 fn reframe(mut bytes: Vec<u8>) -> Vec<u8> {
@@ -211,7 +249,7 @@ fn reframe(mut bytes: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn every_framing_error() {
-    let good = V2.to_vec();
+    let good = V3.to_vec();
     for cut in 0..good.len() {
         let e = decode(&good[..cut]).unwrap_err();
         assert!(
@@ -223,12 +261,12 @@ fn every_framing_error() {
     b[0] = b'X';
     assert_eq!(decode(&b).unwrap_err(), FormatError::BadMagic);
     let mut b = good.clone();
-    b[8] = 3;
+    b[8] = 4;
     assert!(matches!(
         decode(&b).unwrap_err(),
         FormatError::UnsupportedVersion {
-            found: 3,
-            newest: 2
+            found: 4,
+            newest: 3
         }
     ));
     let mut b = good.clone();
@@ -283,7 +321,7 @@ fn every_framing_error() {
     s.clock.realtime_ns = 0;
     assert_eq!(encode(&s, 2).unwrap_err().field(), "clock.realtime_ns");
     assert!(matches!(
-        encode(&golden_state(), 3),
+        encode(&golden_state(), 4),
         Err(FormatError::UnsupportedVersion { .. })
     ));
 }
@@ -338,9 +376,9 @@ fn json_round_trip_and_framed_versionize() {
     use versionize::Versionize;
     let mut buf = Vec::new();
     FramedClockState(s.clone())
-        .serialize(&mut buf, &version_map(), 2)
+        .serialize(&mut buf, &version_map(), 3)
         .unwrap();
-    let back = FramedClockState::deserialize(&mut buf.as_slice(), &version_map(), 2).unwrap();
+    let back = FramedClockState::deserialize(&mut buf.as_slice(), &version_map(), 3).unwrap();
     assert_eq!(back.0, s);
     let mut buf1 = Vec::new();
     FramedClockState(s.clone())
@@ -378,7 +416,7 @@ proptest! {
         s.tsc.guest_tsc_khz = khz;
         s.capture_uncertainty_ns = unc;
         s.vcpus = (0..n as u32).map(|id| VcpuClockState { id, tsc_ticks: h ^ u64::from(id), kvmclock_ns: k, tsc_offset_ticks: 7 }).collect();
-        let d = decode(&encode(&s, 2).unwrap()).unwrap();
+        let d = decode(&encode(&s, 3).unwrap()).unwrap();
         prop_assert_eq!(d.state, s);
     }
 }
@@ -417,7 +455,12 @@ fn every_bit_flip_gives_the_expected_typed_error() {
         let e = decode(&b).unwrap_err();
         let ok = match byte {
             0..=7 => e == FormatError::BadMagic,
-            8..=9 => matches!(e, FormatError::UnsupportedVersion { newest: 2, .. }),
+            // A flipped version bit gives another known version (the CRC then fails) or an
+            // unknown one.
+            8..=9 => matches!(
+                e,
+                FormatError::UnsupportedVersion { newest: 3, .. } | FormatError::BadCrc { .. }
+            ),
             10..=11 => matches!(e, FormatError::ReservedNotZero(r) if r != 0),
             12..=15 => matches!(
                 e,
@@ -575,7 +618,7 @@ fn payload_errors_are_typed() {
 
 #[test]
 fn encode_refuses_bad_versions_and_states() {
-    for v in [0u16, 3, u16::MAX] {
+    for v in [0u16, 4, u16::MAX] {
         assert_eq!(
             encode(&golden_state(), v).unwrap_err(),
             FormatError::UnsupportedVersion {
@@ -598,13 +641,16 @@ fn version_map_matches_the_format_versions() {
     assert_eq!(vm.latest_version(), CURRENT_VERSION);
     assert_eq!(vm.get_type_version(1, ClockState::type_id()), 1);
     assert_eq!(vm.get_type_version(2, ClockState::type_id()), 2);
+    assert_eq!(vm.get_type_version(3, ClockState::type_id()), 3);
     assert_eq!(vm.get_type_version(2, HostIdentity::type_id()), 1);
-    assert_eq!(ClockState::version(), 2);
+    assert_eq!(vm.get_type_version(3, HostIdentity::type_id()), 1);
+    assert_eq!(ClockState::version(), 3);
     assert_eq!(OLDEST_VERSION, 1);
     assert_eq!(version_for_app_version(0), 1);
     assert_eq!(version_for_app_version(1), 1);
     assert_eq!(version_for_app_version(2), 2);
-    assert_eq!(version_for_app_version(40), 2);
+    assert_eq!(version_for_app_version(3), 3);
+    assert_eq!(version_for_app_version(40), 3);
 }
 
 #[test]
@@ -617,6 +663,7 @@ fn v1_v2_round_trips() {
     assert_eq!(
         ClockState {
             capture_uncertainty_ns: 1234,
+            vm_id: s.vm_id,
             ..via_v1.state.clone()
         },
         s
@@ -628,22 +675,34 @@ fn v1_v2_round_trips() {
     // v1 and v2 frames differ only in the version, the length, the v2 field and the CRC.
     assert_eq!(V2.len(), V1.len() + 8);
     assert_eq!(&V1[16..V1.len() - 8], &V2[16..V1.len() - 8]);
+    // v2 → v3 adds only the VM id; v3 → v2 drops it (decoded as unknown).
+    assert_eq!(V3.len(), V2.len() + 16);
+    assert_eq!(&V2[16..V2.len() - 8], &V3[16..V2.len() - 8]);
+    let via_v2 = decode(&encode(&s, 2).unwrap()).unwrap();
+    assert_eq!(via_v2.state.vm_id, [0; 16]);
+    assert_eq!(
+        ClockState {
+            vm_id: s.vm_id,
+            ..via_v2.state
+        },
+        s
+    );
 }
 
 #[test]
 fn framed_versionize_bounds_and_versions() {
     use versionize::Versionize;
     let s = golden_state();
-    // A VMM whose application version is ahead of ours writes v2.
+    // A VMM whose application version is ahead of ours writes v3.
     let mut buf = Vec::new();
     FramedClockState(s.clone())
         .serialize(&mut buf, &version_map(), 7)
         .unwrap();
     assert_eq!(
         u64::from_le_bytes(buf[..8].try_into().unwrap()),
-        V2.len() as u64
+        V3.len() as u64
     );
-    assert_eq!(&buf[8..], V2);
+    assert_eq!(&buf[8..], V3);
     // Invalid states are refused at serialize time.
     let mut bad = s.clone();
     bad.vcpus.clear();
@@ -685,7 +744,7 @@ proptest! {
     /// Random payloads inside a valid frame (magic, version, length, CRC all right) reach
     /// versionize; they must give Ok with a valid state or a typed error, never a panic.
     #[test]
-    fn random_payloads_in_valid_frames(version in 1u16..=2, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+    fn random_payloads_in_valid_frames(version in 1u16..=3, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
         match decode(&frame(version, &payload)) {
             Ok(d) => prop_assert!(d.state.validate().is_ok()),
             Err(e) => {
@@ -825,6 +884,7 @@ fn spec_field_bytes(s: &ClockState, field: &str, i: usize) -> Vec<u8> {
         "ntp.esterror_us" => s.ntp.esterror_us.to_le_bytes().to_vec(),
         "vmclock_disruption_marker" => s.vmclock_disruption_marker.to_le_bytes().to_vec(),
         "capture_uncertainty_ns" => s.capture_uncertainty_ns.to_le_bytes().to_vec(),
+        "vm_id" => s.vm_id.to_vec(),
         f => panic!("SPEC.md names a field this test does not know: {f}"),
     }
 }
@@ -845,12 +905,20 @@ fn spec_type_size(ty: &str, c: usize) -> usize {
 /// value, and that the rows tile the payload exactly.
 #[test]
 fn spec_tables_match_the_vectors() {
-    let s = golden_state();
     let v1_rows = spec_table("## Payload, version 1");
     let v2_rows = spec_table("## Payload, version 2");
+    let v3_rows = spec_table("## Payload, version 3");
     let frame_rows = spec_table("## Frame");
-    assert!(v1_rows.len() >= 20 && v2_rows.len() == 1 && frame_rows.len() == 6);
-    for (version, bytes) in [(1u16, V1), (2, V2)] {
+    assert!(
+        v1_rows.len() >= 20 && v2_rows.len() == 1 && v3_rows.len() == 1 && frame_rows.len() == 6
+    );
+    for (version, bytes) in [(1u16, V1), (2, V2), (3, V3)] {
+        // A v1/v2 vector holds the state its version can carry.
+        let s = if version >= 3 {
+            golden_state()
+        } else {
+            golden_state_without_vm_id()
+        };
         let len = u32_at(bytes, 12) as usize;
         let mut vars = std::collections::HashMap::from([
             ("n".to_string(), s.vcpus.len()),
@@ -885,6 +953,9 @@ fn spec_tables_match_the_vectors() {
         let mut rows: Vec<&Vec<String>> = v1_rows.iter().collect();
         if version >= 2 {
             rows.extend(v2_rows.iter());
+        }
+        if version >= 3 {
+            rows.extend(v3_rows.iter());
         }
         let mut at = 0;
         for row in rows {
@@ -933,6 +1004,7 @@ fn spec_tables_match_the_vectors() {
 fn spec_size_formulas_and_enum_encoding() {
     assert!(SPEC.contains("v1 payload = 121 + 28n + c bytes"));
     assert!(SPEC.contains("v2 payload = 129 + 28n + c bytes"));
+    assert!(SPEC.contains("v3 payload = 145 + 28n + c bytes"));
     for n in [1usize, 2, 7, 64] {
         for cs in ["", "tsc", "kvm-clock", &"x".repeat(32)] {
             let mut s = golden_state();
@@ -946,6 +1018,7 @@ fn spec_size_formulas_and_enum_encoding() {
             let c = cs.len();
             assert_eq!(encode(&s, 1).unwrap().len(), 24 + 121 + 28 * n + c);
             assert_eq!(encode(&s, 2).unwrap().len(), 24 + 129 + 28 * n + c);
+            assert_eq!(encode(&s, 3).unwrap().len(), 24 + 145 + 28 * n + c);
         }
     }
     let mut s = golden_state();

@@ -13,8 +13,11 @@
 //! on kvm_pvm), so the residual is measured right after with `KVM_GET_CLOCK` and corrected by
 //! further sets while that improves it.
 
+mod identity;
 mod types;
 
+pub use identity::hex as vm_id_string;
+use identity::{hex, vm_id_mismatch};
 pub use types::*;
 
 use guest_clock_format::{CaptureKind, ClockState, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME};
@@ -110,6 +113,16 @@ pub fn validate(
         field: e.field(),
         reason: e.to_string(),
     })?;
+    if vm_id_mismatch(state, opts) && opts.on_vm_id_mismatch == VmIdMismatch::Refuse {
+        return Err(RestoreError::refused(
+            "vm_id",
+            format!(
+                "the section belongs to VM {}, the VM being restored is {}",
+                hex(&state.vm_id),
+                hex(&opts.expected_vm_id.unwrap_or_default())
+            ),
+        ));
+    }
     let n = backend.vcpu_count();
     if state.vcpus.len() != n {
         return Err(RestoreError::refused(
@@ -189,7 +202,20 @@ pub fn restore(
     validate(backend, state, opts)?;
     let dest_host = backend.host_info()?;
     let first = read_destination(backend)?;
+    let mut warnings = Vec::new();
+    let foreign = vm_id_mismatch(state, opts);
+    if foreign {
+        warnings.push(format!(
+            "the section belongs to VM {}, not to this VM: restored as a live migration, guest signalled",
+            hex(&state.vm_id)
+        ));
+    } else if opts.expected_vm_id.is_some() && !state.has_vm_id() {
+        warnings.push(
+            "the section names no VM (v1/v2 section): its VM identity was not checked".into(),
+        );
+    }
     let (mode, mode_auto) = match opts.mode {
+        _ if foreign => (RestoreMode::LiveMigration, false),
         Some(m) => (m, false),
         None => {
             let (m, why) = decide_mode(
@@ -203,7 +229,6 @@ pub fn restore(
             (m, true)
         }
     };
-    let mut warnings = Vec::new();
     let caps = backend.capabilities();
     let n = backend.vcpu_count();
 

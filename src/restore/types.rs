@@ -26,8 +26,23 @@ impl std::fmt::Display for RestoreMode {
     }
 }
 
-/// Knobs of a restore. `Default` is what a VMM wants in production.
+/// What a restore does when the section names another VM than the one restored
+/// ([`RestoreOptions::expected_vm_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmIdMismatch {
+    /// Refuse, naming the field `vm_id`; the VM is untouched. Default.
+    #[default]
+    Refuse,
+    /// Restore as a live migration (kvmclock from (K, W) and the destination wallclock), with
+    /// the guest signalled: the section's clocks are another VM's, never an exact continuation.
+    RestoreAsMigration,
+}
+
+/// Knobs of a restore. `Default` is what a VMM wants in production. These are the receiver's
+/// policy: a VMM takes them from its own configuration, never from the sender.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RestoreOptions {
     /// Force a mode instead of deciding from host identity and TSC continuity.
     pub mode: Option<RestoreMode>,
@@ -53,6 +68,12 @@ pub struct RestoreOptions {
     pub inject_wallclock_skew_ns: i64,
     /// Signal the guest even on an exact live update. Default false.
     pub always_signal: bool,
+    /// The identity of the VM being restored, where the VMM knows it: a section naming another
+    /// VM is handled by `on_vm_id_mismatch`; a section naming none (v1/v2, or a VMM without
+    /// identities) is restored with a warning. `None`: not checked. Default `None`.
+    pub expected_vm_id: Option<[u8; 16]>,
+    /// See `expected_vm_id`. Default [`VmIdMismatch::Refuse`].
+    pub on_vm_id_mismatch: VmIdMismatch,
 }
 
 impl Default for RestoreOptions {
@@ -68,6 +89,8 @@ impl Default for RestoreOptions {
             max_correction_rounds: 3,
             inject_wallclock_skew_ns: 0,
             always_signal: false,
+            expected_vm_id: None,
+            on_vm_id_mismatch: VmIdMismatch::Refuse,
         }
     }
 }

@@ -248,6 +248,7 @@ fn kvm_once(
         vcpus: 2,
         memory_mib: 1,
         force_model: false,
+        vm_id: [0; 16],
     };
     let src = Vm::create(&cfg).map_err(|e| e.to_string())?;
     run_until_sampled(&src, "source")?;
@@ -441,6 +442,7 @@ fn scaling_kvm(vcpus: usize, reps: usize) -> Result<ScalingRow, String> {
         vcpus,
         memory_mib: 2,
         force_model: false,
+        vm_id: [0; 16],
     };
     let mut cap = Vec::new();
     let mut res = Vec::new();
@@ -569,6 +571,7 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
         vcpus: 1,
         memory_mib: 1,
         force_model: false,
+        vm_id: [0; 16],
     })
     .map_err(|e| e.to_string())?;
     let kind = probe.backend_kind().clone();

@@ -1,9 +1,18 @@
 //! The VM clockvmm hosts: real KVM (guest memory, N real-mode vCPUs running `guest/clockloop.S`)
 //! or, where /dev/kvm is unusable, the plugin's model backend driven by the real clock.
 //!
-//! Each vCPU loops: RDTSC → store in its sample slot → OUT (exit). After every exit its thread
-//! reads the sample and the vCPU's pvclock page and computes the guest's kvmclock exactly as a
-//! guest does (`pvclock_read_ns`): the *guest-observed* clock.
+//! Split by concern: [`guest`] (the guest program and its memory layout), [`observe`] (what the
+//! guest observes and the error metrics over it), [`vcpu`] (the vCPU threads' loop), [`model`]
+//! (the real-time model backend); this module builds, runs, pauses and saves the VM.
+
+mod guest;
+mod model;
+mod observe;
+mod vcpu;
+
+pub use guest::*;
+pub use model::RealTimeModel;
+pub use observe::*;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -11,46 +20,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use guest_clock::backend::kvm::KvmBackend;
-use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
-use guest_clock::backend::{
-    host, BackendError, Capabilities, ClockBackend, ClockData, HostInfo, PvclockTimeInfo,
-    TscControl,
-};
+use guest_clock::backend::{BackendError, ClockBackend};
 use guest_clock::math;
 use guest_clock::signal::{HostVmclockMemory, VmclockMemory};
-use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use log::{debug, info, warn};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
-/// Guest code, assembled from `guest/clockloop.S` (the listing gives each instruction's bytes).
-pub const GUEST_CODE: [u8; 31] = [
-    0x66, 0xb9, 0x01, 0x4d, 0x56, 0x4b, // mov ecx, 0x4b564d01
-    0x66, 0x89, 0xf0, // mov eax, esi
-    0x66, 0x31, 0xd2, // xor edx, edx
-    0x0f, 0x30, // wrmsr
-    0x0f, 0x31, // sample: rdtsc
-    0x66, 0x89, 0x07, // mov [bx], eax
-    0x66, 0x89, 0x57, 0x04, // mov [bx+4], edx
-    0x66, 0xff, 0x47, 0x08, // inc dword [bx+8]
-    0xe6, 0x10, // out 0x10, al
-    0xeb, 0xef, // jmp sample
-];
-/// Where the guest code lives.
-pub const CODE_GPA: u64 = 0x1000;
-/// Sample slots: 16 bytes per vCPU.
-pub const SLOTS_GPA: u64 = 0x8000;
-/// pvclock areas: 32 bytes per vCPU.
-pub const PVCLOCK_GPA: u64 = 0x10000;
-/// The vmclock page.
-pub const VMCLOCK_GPA: u64 = 0x20000;
-/// The I/O port the guest exits on.
-pub const EXIT_PORT: u16 = 0x10;
-/// `MSR_KVM_SYSTEM_TIME_NEW`.
-pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
-/// The most vCPUs (slots and pvclock areas must stay below the vmclock page).
-pub const MAX_VCPUS: usize = 256;
+use observe::read_pvclock;
+use vcpu::{vcpu_loop, Shared};
 
 /// How to build the VM.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,6 +41,26 @@ pub struct VmConfig {
     pub memory_mib: usize,
     /// Use the model backend even where /dev/kvm works.
     pub force_model: bool,
+    /// The VM's identity: 128 random bits given at its first boot (all zeros: none yet, the VMM
+    /// assigns one), kept by every snapshot and migration, carried in the clock section.
+    #[serde(default)]
+    pub vm_id: [u8; 16],
+}
+
+/// A new random VM identity (UUID v4 bytes) from the kernel's random source.
+pub fn new_vm_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom(2) writes at most `id.len()` bytes into the valid, writable `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // Never all zeros ("none"): fall back to time and pid, still unique enough here.
+        let t = guest_clock::backend::host::realtime_ns() ^ u64::from(std::process::id()) << 40;
+        id[..8].copy_from_slice(&t.to_le_bytes());
+        id[8..].copy_from_slice(&guest_clock::backend::host::rdtsc().to_le_bytes());
+    }
+    id[6] = (id[6] & 0x0f) | 0x40; // version 4
+    id[8] = (id[8] & 0x3f) | 0x80; // RFC 4122 variant
+    id
 }
 
 impl Default for VmConfig {
@@ -69,6 +69,7 @@ impl Default for VmConfig {
             vcpus: 2,
             memory_mib: 2,
             force_model: false,
+            vm_id: [0; 16],
         }
     }
 }
@@ -122,99 +123,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One guest sample and what the guest's kvmclock read at it.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VcpuObservation {
-    /// vCPU index.
-    pub vcpu: usize,
-    /// The guest's RDTSC sample, ticks.
-    pub guest_tsc_ticks: u64,
-    /// kvmclock the guest computes at that TSC from its pvclock page, ns.
-    pub guest_kvmclock_ns: u64,
-    /// Host CLOCK_REALTIME at the instant of that sample, ns (mapped through the host TSC).
-    pub host_realtime_ns: u64,
-    /// The pvclock flags byte (bit 1: PVCLOCK_GUEST_STOPPED).
-    pub pvclock_flags: u8,
-    /// The pvclock multiplier the guest used.
-    pub tsc_to_system_mul: u32,
-    /// The pvclock shift the guest used.
-    pub tsc_shift: i8,
-    /// Loop iterations this vCPU has done.
-    pub samples: u64,
-}
-
-/// The latest sample of every vCPU.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct GuestObservation {
-    /// One per vCPU (vCPUs that have not sampled yet are absent).
-    pub vcpus: Vec<VcpuObservation>,
-}
-
-/// Guest-observed kvmclock error across a disruption:
-/// `(after.kvmclock − before.kvmclock) − (after.realtime − before.realtime)`. Both realtimes come
-/// from one machine's clock (or, for a migration with an injected skew, the skew shows up here).
-pub fn observed_kvmclock_error_ns(before: &VcpuObservation, after: &VcpuObservation) -> i64 {
-    math::diff_signed(after.guest_kvmclock_ns, before.guest_kvmclock_ns).saturating_sub(
-        math::diff_signed(after.host_realtime_ns, before.host_realtime_ns),
-    )
-}
-
-/// Guest-observed kvmclock error against the guest's own uninterrupted clock: how far kvmclock
-/// moved minus how far the *previous* pvclock function says it should have moved for the TSC
-/// ticks that passed: `(after.kvmclock − before.kvmclock) − scale(after.tsc − before.tsc;
-/// before.mul, before.shift)`. For a live update (continuous TSC) this is the error "as if not
-/// scheduled", free of the host's kvmclock-vs-NTP rate difference that the wallclock metric
-/// includes.
-pub fn observed_kvmclock_vs_tsc_error_ns(before: &VcpuObservation, after: &VcpuObservation) -> i64 {
-    let ticks = after.guest_tsc_ticks.wrapping_sub(before.guest_tsc_ticks);
-    let expected = math::pvclock_scale_delta(ticks, before.tsc_to_system_mul, before.tsc_shift);
-    math::diff_signed(after.guest_kvmclock_ns, before.guest_kvmclock_ns)
-        .saturating_sub(i64::try_from(expected).unwrap_or(i64::MAX))
-}
-
-/// Guest-observed TSC error: `(after.tsc − before.tsc) − ns_to_ticks(after.realtime −
-/// before.realtime)` at the guest rate.
-pub fn observed_tsc_error_ticks(
-    before: &VcpuObservation,
-    after: &VcpuObservation,
-    tsc_khz: u32,
-) -> i64 {
-    let ticks = after.guest_tsc_ticks.wrapping_sub(before.guest_tsc_ticks) as i64;
-    let rt = math::diff_signed(after.host_realtime_ns, before.host_realtime_ns);
-    ticks.saturating_sub(math::delta_ns_to_ticks(rt, tsc_khz))
-}
-
-fn decode_pvclock(b: &[u8; 32]) -> PvclockTimeInfo {
-    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let u64_at = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    PvclockTimeInfo {
-        version: u32_at(0),
-        tsc_timestamp: u64_at(8),
-        system_time: u64_at(16),
-        tsc_to_system_mul: u32_at(24),
-        tsc_shift: b[28] as i8,
-        flags: b[29],
-    }
-}
-
-/// Read a vCPU's pvclock from guest memory, retrying while KVM updates it (odd version).
-fn read_pvclock(mem: &GuestMemoryMmap, vcpu: usize) -> Option<PvclockTimeInfo> {
-    let gpa = GuestAddress(PVCLOCK_GPA + 32 * vcpu as u64);
-    for _ in 0..100 {
-        let mut b = [0u8; 32];
-        mem.read_slice(&mut b, gpa).ok()?;
-        let p = decode_pvclock(&b);
-        if p.version % 2 == 0 {
-            return (p.tsc_to_system_mul != 0).then_some(p);
-        }
-    }
-    None
-}
-
 /// The vmclock page in guest memory.
 struct GuestVmclock(GuestMemoryMmap);
 
@@ -229,96 +137,6 @@ impl VmclockMemory for GuestVmclock {
             .write_slice(data, GuestAddress(VMCLOCK_GPA + offset as u64))
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
-}
-
-/// The model backend with its time following the real CLOCK_REALTIME, so that several
-/// processes on one machine see one consistent model host (same TSC, same wallclock).
-pub struct RealTimeModel {
-    vm: ModelVm,
-}
-
-impl RealTimeModel {
-    fn new(vcpus: usize) -> Self {
-        let time = ModelTime::new();
-        time.advance_to_ns(host::realtime_ns());
-        let mut cfg = HostConfig::new(2_000_000, 0x006d_6f64_656c);
-        cfg.realtime_epoch_ns = 0;
-        cfg.identity.machine_id_hash = host::read_host_info(0)
-            .map(|h| h.identity.machine_id_hash)
-            .unwrap_or(1);
-        let h = ModelHost::new(time, cfg);
-        let vm = ModelVm::new(h, vcpus);
-        for n in 0..vcpus {
-            let _ = vm.guest_enable_kvmclock(n);
-        }
-        RealTimeModel { vm }
-    }
-    fn sync(&self) -> &ModelVm {
-        self.vm.host().time().advance_to_ns(host::realtime_ns());
-        &self.vm
-    }
-}
-
-impl ClockBackend for RealTimeModel {
-    fn name(&self) -> &str {
-        "model"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.vm.capabilities()
-    }
-    fn vcpu_count(&self) -> usize {
-        self.vm.vcpu_count()
-    }
-    fn get_clock(&self) -> Result<ClockData, BackendError> {
-        self.sync().get_clock()
-    }
-    fn set_clock(&self, d: &ClockData) -> Result<(), BackendError> {
-        self.sync().set_clock(d)
-    }
-    fn tsc_khz(&self, v: usize) -> Result<u32, BackendError> {
-        self.vm.tsc_khz(v)
-    }
-    fn set_tsc_khz(&self, v: usize, khz: u32) -> Result<(), BackendError> {
-        self.sync().set_tsc_khz(v, khz)
-    }
-    fn tsc_offset(&self, v: usize) -> Result<u64, BackendError> {
-        self.vm.tsc_offset(v)
-    }
-    fn set_tsc_offset(&self, v: usize, o: u64) -> Result<(), BackendError> {
-        self.sync().set_tsc_offset(v, o)
-    }
-    fn tsc_msr(&self, v: usize) -> Result<u64, BackendError> {
-        self.sync().tsc_msr(v)
-    }
-    fn set_tsc_msr(&self, v: usize, t: u64) -> Result<(), BackendError> {
-        self.sync().set_tsc_msr(v, t)
-    }
-    fn tsc_control(&self) -> TscControl {
-        self.vm.tsc_control()
-    }
-    fn kvmclock_ctrl(&self, v: usize) -> Result<(), BackendError> {
-        self.vm.kvmclock_ctrl(v)
-    }
-    fn pvclock(&self, v: usize) -> Result<Option<PvclockTimeInfo>, BackendError> {
-        self.sync().pvclock(v)
-    }
-    fn host_realtime_ns(&self) -> u64 {
-        self.sync().host_realtime_ns()
-    }
-    fn host_tsc_ticks(&self) -> u64 {
-        self.sync().host_tsc_ticks()
-    }
-    fn host_info(&self) -> Result<HostInfo, BackendError> {
-        self.vm.host_info()
-    }
-}
-
-struct Shared {
-    pause_requested: AtomicBool,
-    stop: AtomicBool,
-    parked: Mutex<usize>,
-    cv: Condvar,
-    obs: Mutex<Vec<Option<VcpuObservation>>>,
 }
 
 enum Engine {
@@ -440,7 +258,7 @@ impl Vm {
             let v = vm
                 .create_vcpu(id as u64)
                 .map_err(|e| format!("KVM_CREATE_VCPU {id}: {e}"))?;
-            Self::setup_vcpu(&v, id).map_err(|e| format!("vCPU {id} setup: {e}"))?;
+            guest::setup_vcpu(&v, id).map_err(|e| format!("vCPU {id} setup: {e}"))?;
             vcpus.push(Arc::new(Mutex::new(v)));
         }
         let vm = Arc::new(vm);
@@ -458,33 +276,6 @@ impl Vm {
             },
             backend,
         ))
-    }
-
-    fn setup_vcpu(v: &VcpuFd, id: usize) -> Result<(), VmError> {
-        let mut sregs = v.get_sregs().map_err(|e| kvm_err("KVM_GET_SREGS", e))?;
-        for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
-            seg.base = 0;
-            seg.selector = 0;
-        }
-        v.set_sregs(&sregs)
-            .map_err(|e| kvm_err("KVM_SET_SREGS", e))?;
-        let mut regs = v.get_regs().map_err(|e| kvm_err("KVM_GET_REGS", e))?;
-        let pvclock = PVCLOCK_GPA + 32 * id as u64;
-        regs.rip = CODE_GPA;
-        regs.rflags = 2;
-        regs.rsi = pvclock | 1;
-        regs.rbx = SLOTS_GPA + 16 * id as u64;
-        v.set_regs(&regs).map_err(|e| kvm_err("KVM_SET_REGS", e))?;
-        // Like restored vCPU state, the kvmclock MSR is set by the host too, so that
-        // KVM_KVMCLOCK_CTRL works before the vCPU first runs.
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_KVM_SYSTEM_TIME_NEW,
-            data: pvclock | 1,
-            ..Default::default()
-        }])
-        .map_err(|e| VmError::Invalid(format!("{e:?}")))?;
-        v.set_msrs(&msrs).map_err(|e| kvm_err("KVM_SET_MSRS", e))?;
-        Ok(())
     }
 
     /// The backend kind.
@@ -678,136 +469,9 @@ impl Drop for Vm {
     }
 }
 
-fn vcpu_loop(
-    id: usize,
-    vcpu: Arc<Mutex<VcpuFd>>,
-    mem: GuestMemoryMmap,
-    shared: Arc<Shared>,
-    kvm: Arc<KvmBackend>,
-) {
-    let slot = GuestAddress(SLOTS_GPA + 16 * id as u64);
-    let host_khz = kvm.host_tsc_khz();
-    loop {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        if shared.pause_requested.load(Ordering::SeqCst) {
-            let mut parked = lock(&shared.parked);
-            *parked += 1;
-            shared.cv.notify_all();
-            while shared.pause_requested.load(Ordering::SeqCst)
-                && !shared.stop.load(Ordering::SeqCst)
-            {
-                parked = shared.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
-            }
-            *parked -= 1;
-            continue;
-        }
-        let exit = {
-            let mut v = lock(&vcpu);
-            match v.run() {
-                Ok(VcpuExit::IoOut(EXIT_PORT, _)) => Ok(()),
-                Ok(other) => Err(format!("{other:?}")),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        let h_now = host::rdtsc();
-        let rt_now = host::realtime_ns();
-        if let Err(e) = exit {
-            warn!("vCPU {id}: unexpected exit {e}; stopping it");
-            return;
-        }
-        let mut b = [0u8; 16];
-        if mem.read_slice(&mut b, slot).is_err() {
-            continue;
-        }
-        let tsc = u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8]));
-        let samples = u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4])));
-        if let Some(p) = read_pvclock(&mem, id).filter(|p| tsc >= p.tsc_timestamp) {
-            // (A sample older than the page's tsc_timestamp was taken before KVM rewrote the
-            // page at this entry: no guest computes kvmclock that way; it is skipped.)
-            // Guest TSC → host TSC through the offset the backend reads (0 on kvm_pvm; the VMM
-            // does not use TSC scaling), then → realtime by the host rate.
-            let offset = kvm.tsc_offset(id).unwrap_or(0);
-            let h_sample = tsc.wrapping_sub(offset);
-            let back_ns = math::ticks_to_ns_round(h_now.saturating_sub(h_sample), host_khz);
-            let o = VcpuObservation {
-                vcpu: id,
-                guest_tsc_ticks: tsc,
-                guest_kvmclock_ns: math::pvclock_read_ns(&p, tsc),
-                host_realtime_ns: rt_now.saturating_sub(back_ns),
-                pvclock_flags: p.flags,
-                tsc_to_system_mul: p.tsc_to_system_mul,
-                tsc_shift: p.tsc_shift,
-                samples,
-            };
-            if let Some(s) = lock(&shared.obs).get_mut(id) {
-                *s = Some(o);
-            }
-        } else {
-            debug!("vCPU {id}: pvclock not valid yet");
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn obs(k: u64, rt: u64, tsc: u64) -> VcpuObservation {
-        VcpuObservation {
-            vcpu: 0,
-            guest_tsc_ticks: tsc,
-            guest_kvmclock_ns: k,
-            host_realtime_ns: rt,
-            pvclock_flags: 1,
-            tsc_to_system_mul: 1 << 31,
-            tsc_shift: 0,
-            samples: 1,
-        }
-    }
-
-    #[test]
-    fn observed_errors() {
-        let a = obs(1_000, 10_000, 5_000);
-        let b = obs(
-            1_000 + 1_000_000 + 7,
-            10_000 + 1_000_000,
-            5_000 + 2_000_000 - 3,
-        );
-        assert_eq!(observed_kvmclock_error_ns(&a, &b), 7);
-        assert_eq!(observed_tsc_error_ticks(&a, &b, 2_000_000), -3);
-        // mul 2^31, shift 0: 2 GHz → 1 tick = 0.5 ns; 1_999_997 ticks = 999_998 ns (floor).
-        assert_eq!(
-            observed_kvmclock_vs_tsc_error_ns(&a, &b),
-            1_000_007 - 999_998
-        );
-    }
-
-    #[test]
-    fn guest_code_matches_listing() {
-        let listing = include_str!("../guest/clockloop.S");
-        let mut bytes = Vec::new();
-        for line in listing.lines() {
-            let Some((_, comment)) = line.split_once(';') else {
-                continue;
-            };
-            for tok in comment.split_whitespace() {
-                if tok.len() == 2
-                    && tok.chars().all(|c| c.is_ascii_hexdigit())
-                    && tok
-                        .chars()
-                        .any(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
-                {
-                    bytes.push(u8::from_str_radix(tok, 16).unwrap());
-                } else {
-                    break;
-                }
-            }
-        }
-        assert_eq!(bytes, GUEST_CODE.to_vec());
-    }
 
     #[test]
     fn kvm_vm_samples_pauses_and_resumes() {
@@ -866,6 +530,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 1,
             force_model: true,
+            ..Default::default()
         })
         .unwrap();
         assert!(vm.describe().starts_with("MODEL"));

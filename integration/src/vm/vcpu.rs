@@ -1,0 +1,100 @@
+//! The vCPU loop: one thread per vCPU runs KVM_RUN until the guest's OUT, then records the
+//! guest's sample (its TSC mapped to host realtime) and its kvmclock reading; it parks outside
+//! KVM_RUN while a pause is requested.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use guest_clock::backend::kvm::KvmBackend;
+use guest_clock::backend::{host, ClockBackend};
+use guest_clock::math;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, warn};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::guest::{EXIT_PORT, SLOTS_GPA};
+use super::lock;
+use super::observe::{read_pvclock, VcpuObservation};
+
+/// What the vCPU threads and the VM share.
+pub(super) struct Shared {
+    pub(super) pause_requested: AtomicBool,
+    pub(super) stop: AtomicBool,
+    pub(super) parked: Mutex<usize>,
+    pub(super) cv: Condvar,
+    pub(super) obs: Mutex<Vec<Option<VcpuObservation>>>,
+}
+
+pub(super) fn vcpu_loop(
+    id: usize,
+    vcpu: Arc<Mutex<VcpuFd>>,
+    mem: GuestMemoryMmap,
+    shared: Arc<Shared>,
+    kvm: Arc<KvmBackend>,
+) {
+    let slot = GuestAddress(SLOTS_GPA + 16 * id as u64);
+    let host_khz = kvm.host_tsc_khz();
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if shared.pause_requested.load(Ordering::SeqCst) {
+            let mut parked = lock(&shared.parked);
+            *parked += 1;
+            shared.cv.notify_all();
+            while shared.pause_requested.load(Ordering::SeqCst)
+                && !shared.stop.load(Ordering::SeqCst)
+            {
+                parked = shared.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
+            }
+            *parked -= 1;
+            continue;
+        }
+        let exit = {
+            let mut v = lock(&vcpu);
+            match v.run() {
+                Ok(VcpuExit::IoOut(EXIT_PORT, _)) => Ok(()),
+                Ok(other) => Err(format!("{other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let h_now = host::rdtsc();
+        let rt_now = host::realtime_ns();
+        if let Err(e) = exit {
+            warn!("vCPU {id}: unexpected exit {e}; stopping it");
+            return;
+        }
+        let mut b = [0u8; 16];
+        if mem.read_slice(&mut b, slot).is_err() {
+            continue;
+        }
+        let tsc = u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8]));
+        let samples = u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4])));
+        if let Some(p) = read_pvclock(&mem, id).filter(|p| tsc >= p.tsc_timestamp) {
+            // (A sample older than the page's tsc_timestamp was taken before KVM rewrote the
+            // page at this entry: no guest computes kvmclock that way; it is skipped.)
+            // Guest TSC → host TSC through the offset the backend reads (0 on kvm_pvm; the VMM
+            // does not use TSC scaling), then → realtime by the host rate.
+            let offset = kvm.tsc_offset(id).unwrap_or(0);
+            let h_sample = tsc.wrapping_sub(offset);
+            let back_ns = math::ticks_to_ns_round(h_now.saturating_sub(h_sample), host_khz);
+            let o = VcpuObservation {
+                vcpu: id,
+                guest_tsc_ticks: tsc,
+                guest_kvmclock_ns: math::pvclock_read_ns(&p, tsc),
+                host_realtime_ns: rt_now.saturating_sub(back_ns),
+                pvclock_flags: p.flags,
+                tsc_to_system_mul: p.tsc_to_system_mul,
+                tsc_shift: p.tsc_shift,
+                samples,
+            };
+            if let Some(s) = lock(&shared.obs).get_mut(id) {
+                *s = Some(o);
+            }
+        } else {
+            debug!("vCPU {id}: pvclock not valid yet");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
