@@ -382,13 +382,61 @@ fn clock_manager_pause_snapshot_restore() {
     time.advance_ns(250_000_000);
     let dst = Arc::new(dest_vm(&a, 2));
     let mut m2 = ClockManager::new(dst.clone());
-    m2.restore(root.snapshots["clock"].clone()).unwrap();
+    m2.restore_snapshot(&root).unwrap();
     assert_eq!(m2.last_report().unwrap().mode, RestoreMode::LiveUpdate);
     assert_same_clocks(&src, &dst, 2);
     // A corrupted section is refused before anything is touched.
-    let mut bad = root.snapshots["clock"].clone();
-    let data = bad.snapshot_data.as_mut().unwrap();
-    let last = data.state.len() - 3;
-    data.state[last] ^= 0x40;
+    let bad = corrupt_section(&root.snapshots["clock"]);
     assert!(guest_clock::clock_state_from_snapshot(&bad).is_err());
+    let mut m3 = ClockManager::new(Arc::new(dest_vm(&a, 2)));
+    assert!(m3.restore_snapshot(&bad).is_err());
+    assert!(m3.last_report().is_none());
+}
+
+/// The clock snapshot with one bit of its frame's CRC flipped.
+#[cfg(not(feature = "ch-current"))]
+fn corrupt_section(clock: &vm_migration::Snapshot) -> vm_migration::Snapshot {
+    let mut bad = clock.clone();
+    let data = bad.snapshot_data.as_mut().unwrap();
+    let last = data.0.len() - 3;
+    data.0[last] ^= 0x40;
+    bad
+}
+
+/// The clock snapshot with one bit of its frame's CRC flipped.
+#[cfg(feature = "ch-current")]
+fn corrupt_section(clock: &vm_migration::Snapshot) -> vm_migration::Snapshot {
+    let mut v: serde_json::Value = clock.to_state().unwrap();
+    let frame = v["frame"].as_array_mut().unwrap();
+    let last = frame.len() - 3;
+    frame[last] = (frame[last].as_u64().unwrap() ^ 0x40).into();
+    vm_migration::Snapshot::new_from_state(&v).unwrap()
+}
+
+#[test]
+fn clock_snapshot_json_shape() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let mut m = ClockManager::new(Arc::new(running_vm(&a, 1)));
+    m.pause().unwrap();
+    let json: serde_json::Value = serde_json::to_value(m.snapshot().unwrap()).unwrap();
+    let data = &json["snapshot_data"];
+    // CH v38: SnapshotData(Vec<u8>) is the bare byte array (a versionize Vec<u8>: u64 length,
+    // then the frame). CH v53: {"state": "<JSON>"} with the frame under "frame".
+    #[cfg(not(feature = "ch-current"))]
+    let frame: Vec<u8> = data.as_array().unwrap()[8..]
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    #[cfg(feature = "ch-current")]
+    let frame: Vec<u8> = {
+        let inner: serde_json::Value =
+            serde_json::from_str(data["state"].as_str().unwrap()).unwrap();
+        serde_json::from_value(inner["frame"].clone()).unwrap()
+    };
+    assert_eq!(&frame[..8], b"GCLKSECT");
+    assert_eq!(
+        guest_clock::format::decode(&frame).unwrap().state,
+        *m.captured().unwrap()
+    );
 }

@@ -30,7 +30,7 @@ pub const MAX_STATE_LEN: u64 = 64 << 20;
 pub const MAX_REASON_LEN: u64 = 64 << 10;
 
 /// The State payload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct MigrationState {
     /// The VM's snapshot tree (child "clock").
     pub snapshot: Snapshot,
@@ -171,24 +171,38 @@ fn accept_before_deadline<S>(mut accept: impl FnMut() -> std::io::Result<S>) -> 
 pub fn request(s: &mut Stream, req: Request, payload: &[u8]) -> Result<(), String> {
     req.write_to(s).map_err(|e| e.to_string())?;
     s.write_all(payload)
-        .map_err(|e| format!("sending {:?}: {e}", req.command()))?;
+        .map_err(|e| format!("sending {}: {e}", command_name(req.command())))?;
     s.flush().ok();
-    let r =
-        Response::read_from(s).map_err(|e| format!("no response to {:?}: {e}", req.command()))?;
+    let (r, length) = read_response(s)
+        .map_err(|e| format!("no response to {}: {e}", command_name(req.command())))?;
     match r.status() {
         Status::Ok => Ok(()),
         Status::Error => {
-            let n = r.length().min(MAX_REASON_LEN);
+            let n = length.min(MAX_REASON_LEN);
             let mut reason = vec![0u8; n as usize];
             s.read_exact(&mut reason).ok();
             Err(format!(
-                "receiver refused {:?}: {}",
-                req.command(),
+                "receiver refused {}: {}",
+                command_name(req.command()),
                 String::from_utf8_lossy(&reason)
             ))
         }
-        Status::Invalid => Err(format!("invalid response to {:?}", req.command())),
+        Status::Invalid => Err(format!(
+            "invalid response to {}",
+            command_name(req.command())
+        )),
     }
+}
+
+/// Read a response header and its `length` field (CH v38's `Response` keeps it private; this
+/// VMM sends an error's reason as that many bytes after an `Error` header).
+fn read_response(s: &mut Stream) -> Result<(Response, u64), String> {
+    let mut b = [0u8; 16];
+    s.read_exact(&mut b).map_err(|e| e.to_string())?;
+    let r = Response::read_from(&mut &b[..]).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&b[8..16]);
+    Ok((r, u64::from_ne_bytes(len)))
 }
 
 /// Reply Ok.
@@ -207,14 +221,14 @@ pub fn reply_error(s: &mut Stream, reason: &str) {
 pub fn read_payload(s: &mut Stream, req: &Request, max: u64) -> Result<Vec<u8>, String> {
     if req.length() > max {
         return Err(format!(
-            "{:?} payload of {} bytes exceeds the {max}-byte bound",
-            req.command(),
+            "{} payload of {} bytes exceeds the {max}-byte bound",
+            command_name(req.command()),
             req.length()
         ));
     }
     let mut buf = vec![0u8; req.length() as usize];
     s.read_exact(&mut buf)
-        .map_err(|e| format!("reading {:?} payload: {e}", req.command()))?;
+        .map_err(|e| format!("reading {} payload: {e}", command_name(req.command())))?;
     Ok(buf)
 }
 

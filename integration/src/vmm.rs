@@ -27,7 +27,7 @@ pub const MEMORY_FILE: &str = "memory.bin";
 pub const MAX_STATE_FILE: u64 = 64 << 20;
 
 /// state.json of a snapshot directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SnapshotFile {
     /// The VM configuration.
     pub config: VmConfig,
@@ -365,7 +365,12 @@ impl Vmm {
                     || table.regions()[0].length != size
                 {
                     return Err(format!(
-                        "memory table {table:?} does not cover the {size}-byte guest"
+                        "memory table {:?} does not cover the {size}-byte guest",
+                        table
+                            .regions()
+                            .iter()
+                            .map(|r| (r.gpa, r.length))
+                            .collect::<Vec<_>>()
                     ));
                 }
                 vm.load_memory(s).map_err(|e| e.to_string())?;
@@ -398,9 +403,10 @@ impl Vmm {
                 Ok(Step::Done)
             }
             Command::Abandon => Ok(Step::Abandoned),
-            Command::Invalid | Command::MemoryFd => {
-                Err(format!("unsupported command {:?}", req.command()))
-            }
+            Command::Invalid | Command::MemoryFd => Err(format!(
+                "unsupported command {}",
+                migration::command_name(req.command())
+            )),
         }
     }
 
@@ -419,7 +425,13 @@ enum Step {
 
 /// The directory of a `file://DIR` URL.
 pub fn file_url(url: &str) -> VmmResult<PathBuf> {
-    vm_migration::url::url_to_path(url).map_err(|e| e.to_string())
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| format!("not a file:// URL: {url}"))?;
+    if path.is_empty() {
+        return Err("empty file:// path".into());
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Read and parse a snapshot directory's state.json (bounded).

@@ -11,6 +11,7 @@ use guest_clock_format::{HostIdentity, NtpState};
 
 pub mod host;
 pub mod kvm;
+#[cfg(feature = "model")]
 pub mod model;
 
 pub use guest_clock_format::{
