@@ -92,6 +92,9 @@ pub struct HostConfig {
     pub tsc_clocksource: bool,
     /// ns between KVM's master-clock snapshot and its realtime read in `KVM_SET_CLOCK`.
     pub realtime_read_gap_ns: u64,
+    /// Extra gap of the n-th `KVM_SET_CLOCK`, ns, cycling (`[n % len]`; empty: none): a host
+    /// where the gap jitters (preemption, a nested hypervisor's exits).
+    pub realtime_read_gap_jitter_ns: Vec<u64>,
 }
 
 /// Everything a modern Intel KVM reports.
@@ -131,6 +134,7 @@ impl HostConfig {
             ignore_tsc_writes: false,
             tsc_clocksource: true,
             realtime_read_gap_ns: 0,
+            realtime_read_gap_jitter_ns: Vec::new(),
         }
     }
 }
@@ -546,6 +550,10 @@ impl ClockBackend for ModelVm {
             });
         }
         let mut g = lock(&self.inner);
+        let jitter = match cfg.realtime_read_gap_jitter_ns.len() {
+            0 => 0,
+            n => cfg.realtime_read_gap_jitter_ns[(g.counters.set_clock % n as u64) as usize],
+        };
         g.counters.set_clock += 1;
         // Master-clock snapshot first, then the realtime read (the gap lands kvmclock ahead).
         self.master_update(&mut g);
@@ -554,7 +562,8 @@ impl ClockBackend for ModelVm {
             let now_real = self
                 .host
                 .realtime_now()
-                .saturating_add(cfg.realtime_read_gap_ns);
+                .saturating_add(cfg.realtime_read_gap_ns)
+                .saturating_add(jitter);
             if now_real > data.realtime_ns {
                 clock = clock.saturating_add(now_real - data.realtime_ns);
             }
