@@ -5,6 +5,8 @@
 //! held before: on a live update the identical kvmclock function and TSC offsets, on a live
 //! migration "kvmclock was K at wallclock W" and "vCPU n's TSC was Tₙ at kvmclock Kₙ".
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod math;
 

@@ -3,10 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use guest_clock::backend::kvm::KvmBackend;
+use guest_clock::backend::kvm::{KvmBackend, KvmInfo, VcpuFds};
 use guest_clock::backend::{
-    BackendError, ClockBackend, ClockData, TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
-    PVCLOCK_GUEST_STOPPED,
+    BackendError, ClockData, HostFacts, Hypervisor, TscControl, KVM_CLOCK_HOST_TSC,
+    KVM_CLOCK_REALTIME, PVCLOCK_GUEST_STOPPED,
 };
 use guest_clock::restore::{restore, RestoreMode, RestoreOptions};
 use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
@@ -68,6 +68,19 @@ fn test_vm(n: usize) -> Option<TestVm> {
     })
 }
 
+/// This test VMM keeps each vCPU fd behind its own mutex (locked around KVM_RUN by its runner);
+/// the backend reaches them through `VcpuFds`, one lock for the duration of one ioctl.
+struct Locked(Vec<Arc<Mutex<VcpuFd>>>);
+
+impl VcpuFds for Locked {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.0.get(index).map(|v| f(&v.lock().unwrap()))
+    }
+}
+
 impl TestVm {
     fn run_once(&self, vcpu: usize) {
         let mut v = self.vcpus[vcpu].lock().unwrap();
@@ -81,8 +94,9 @@ impl TestVm {
             self.run_once(n);
         }
     }
-    fn backend(&self) -> KvmBackend {
-        KvmBackend::new(self.vm.clone(), self.vcpus.clone()).expect("backend")
+    fn backend(&self) -> KvmBackend<Arc<VmFd>, Locked> {
+        let info = KvmInfo::probe(&self.vm, &self.vcpus[0].lock().unwrap()).expect("probe");
+        KvmBackend::with_info(self.vm.clone(), Locked(self.vcpus.clone()), info)
     }
     fn enable_kvmclock(&self, vcpu: usize) {
         let gpa = PVCLOCK_GPA + 32 * vcpu as u64;
@@ -264,4 +278,24 @@ fn plugin_live_update_on_real_kvm() {
     // kd was read between ks and ks2: a correctness bound of 100 µs either side.
     assert!(kd + 100_000 >= ks && kd <= ks2 + 100_000, "{ks} {kd} {ks2}");
     assert!(r.kvmclock_error_ns.unsigned_abs() < 100_000);
+}
+
+/// The borrowed form a VMM with plain fds uses: `KvmBackend::new(&vm, &vcpus)`.
+#[test]
+fn backend_over_borrowed_fds() {
+    let Ok(kvm) = Kvm::new() else {
+        eprintln!("SKIP: /dev/kvm not usable here; KVM backend test not run");
+        return;
+    };
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
+    let b = KvmBackend::new(&vm, &vcpus).expect("backend");
+    assert_eq!(b.vcpu_count(), 2);
+    assert!(b.tsc_khz(1).unwrap() > 0);
+    assert!(matches!(
+        b.tsc_khz(2),
+        Err(BackendError::NoSuchVcpu { vcpu: 2, count: 2 })
+    ));
+    assert!(b.host_realtime_ns() > 0);
+    assert!(KvmBackend::new(&vm, &[]).is_err(), "no vCPUs");
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
-use guest_clock::backend::{ClockBackend, PVCLOCK_GUEST_STOPPED};
+use guest_clock::backend::{Hypervisor, PvclockPages, PVCLOCK_GUEST_STOPPED};
 use guest_clock::capture::capture;
 use guest_clock::format::CaptureKind;
 use guest_clock::restore::{

@@ -10,11 +10,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_clock::backend::kvm::KvmBackend;
+use guest_clock::backend::kvm::{KvmBackend, KvmInfo, VcpuFds};
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
 use guest_clock::backend::{
-    host, BackendError, Capabilities, ClockBackend, ClockData, HostInfo, PvclockTimeInfo,
-    TscControl,
+    host, BackendError, Capabilities, ClockBackend, ClockData, HostFacts, HostInfo, Hypervisor,
+    PvclockPages, PvclockTimeInfo, TscControl,
 };
 use guest_clock::math;
 use guest_clock::signal::{HostVmclockMemory, VmclockMemory};
@@ -259,7 +259,7 @@ impl RealTimeModel {
     }
 }
 
-impl ClockBackend for RealTimeModel {
+impl Hypervisor for RealTimeModel {
     fn name(&self) -> &str {
         "model"
     }
@@ -299,9 +299,15 @@ impl ClockBackend for RealTimeModel {
     fn kvmclock_ctrl(&self, v: usize) -> Result<(), BackendError> {
         self.vm.kvmclock_ctrl(v)
     }
+}
+
+impl PvclockPages for RealTimeModel {
     fn pvclock(&self, v: usize) -> Result<Option<PvclockTimeInfo>, BackendError> {
         self.sync().pvclock(v)
     }
+}
+
+impl HostFacts for RealTimeModel {
     fn host_realtime_ns(&self) -> u64 {
         self.sync().host_realtime_ns()
     }
@@ -312,6 +318,22 @@ impl ClockBackend for RealTimeModel {
         self.vm.host_info()
     }
 }
+
+/// clockvmm's vCPU fds: each behind its own mutex, which its vCPU thread holds around KVM_RUN.
+/// The plugin's backend takes one for the duration of one ioctl (the vCPUs are paused then).
+pub struct LockedVcpus(Vec<Arc<Mutex<VcpuFd>>>);
+
+impl VcpuFds for LockedVcpus {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.0.get(index).map(|v| f(&lock(v)))
+    }
+}
+
+/// The plugin's KVM backend as clockvmm builds it.
+pub type ClockvmmKvm = KvmBackend<Arc<VmFd>, LockedVcpus>;
 
 struct Shared {
     pause_requested: AtomicBool,
@@ -326,7 +348,7 @@ enum Engine {
         _vm: Arc<VmFd>,
         vcpus: Vec<Arc<Mutex<VcpuFd>>>,
         mem: GuestMemoryMmap,
-        kvm: Arc<KvmBackend>,
+        kvm: Arc<ClockvmmKvm>,
     },
     Model {
         model: Arc<RealTimeModel>,
@@ -412,7 +434,7 @@ impl Vm {
         }
     }
 
-    fn create_kvm(cfg: &VmConfig) -> Result<(Engine, Arc<KvmBackend>), String> {
+    fn create_kvm(cfg: &VmConfig) -> Result<(Engine, Arc<ClockvmmKvm>), String> {
         let kvm = Kvm::new().map_err(|e| format!("no usable /dev/kvm ({e})"))?;
         let vm = kvm
             .create_vm()
@@ -444,11 +466,13 @@ impl Vm {
             vcpus.push(Arc::new(Mutex::new(v)));
         }
         let vm = Arc::new(vm);
-        let reader_mem = mem.clone();
-        let backend = KvmBackend::new(vm.clone(), vcpus.clone())
-            .map_err(|e| format!("KVM backend: {e}"))?
-            .with_pvclock_reader(Box::new(move |n| read_pvclock(&reader_mem, n)));
-        let backend = Arc::new(backend);
+        let first = vcpus.first().ok_or("no vCPUs")?;
+        let info = KvmInfo::probe(&vm, &lock(first)).map_err(|e| format!("KVM backend: {e}"))?;
+        let backend = Arc::new(KvmBackend::with_info(
+            vm.clone(),
+            LockedVcpus(vcpus.clone()),
+            info,
+        ));
         Ok((
             Engine::Kvm {
                 _vm: vm,
@@ -517,6 +541,14 @@ impl Vm {
     /// The plugin's view of this VM.
     pub fn clock_backend(&self) -> Arc<dyn ClockBackend> {
         self.backend.clone()
+    }
+
+    /// The pvclock page the guest reads on `vcpu` (measurement: not part of the plugin's seam).
+    pub fn pvclock(&self, vcpu: usize) -> Result<Option<PvclockTimeInfo>, BackendError> {
+        match &self.engine {
+            Engine::Kvm { mem, .. } => Ok(read_pvclock(mem, vcpu)),
+            Engine::Model { model, .. } => model.pvclock(vcpu),
+        }
     }
 
     /// The vmclock page.
@@ -683,7 +715,7 @@ fn vcpu_loop(
     vcpu: Arc<Mutex<VcpuFd>>,
     mem: GuestMemoryMmap,
     shared: Arc<Shared>,
-    kvm: Arc<KvmBackend>,
+    kvm: Arc<ClockvmmKvm>,
 ) {
     let slot = GuestAddress(SLOTS_GPA + 16 * id as u64);
     let host_khz = kvm.host_tsc_khz();

@@ -32,9 +32,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use guest_clock_format::{HostIdentity, NtpState};
 
 use super::{
-    BackendError, Capabilities, ClockBackend, ClockData, HostInfo, PvclockTimeInfo, Result,
-    TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE,
-    PVCLOCK_GUEST_STOPPED, PVCLOCK_TSC_STABLE_BIT,
+    BackendError, Capabilities, ClockData, HostFacts, HostInfo, Hypervisor, PvclockPages,
+    PvclockTimeInfo, Result, TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
+    KVM_CLOCK_TSC_STABLE, PVCLOCK_GUEST_STOPPED, PVCLOCK_TSC_STABLE_BIT,
 };
 use crate::math;
 
@@ -486,7 +486,7 @@ impl ModelVm {
     }
 }
 
-impl ClockBackend for ModelVm {
+impl Hypervisor for ModelVm {
     fn name(&self) -> &str {
         "model"
     }
@@ -716,7 +716,9 @@ impl ClockBackend for ModelVm {
         g.st.vcpus[vcpu].stop_pending = true;
         Ok(())
     }
+}
 
+impl PvclockPages for ModelVm {
     fn pvclock(&self, vcpu: usize) -> Result<Option<PvclockTimeInfo>> {
         let g = lock(&self.inner);
         self.check(&g, vcpu)?;
@@ -750,7 +752,9 @@ impl ClockBackend for ModelVm {
             flags,
         }))
     }
+}
 
+impl HostFacts for ModelVm {
     fn host_realtime_ns(&self) -> u64 {
         self.host.realtime_now()
     }

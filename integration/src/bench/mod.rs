@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
-use guest_clock::backend::ClockBackend;
+use guest_clock::backend::Hypervisor;
 use guest_clock::capture::capture;
 use guest_clock::format::encode;
 use guest_clock::math;
@@ -219,7 +219,7 @@ fn kvm_once(
     dst.pause().map_err(|e| e.to_string())?;
     let mut worst = 0i64;
     for o in &obs.vcpus {
-        let p = sb
+        let p = src
             .pvclock(o.vcpu)
             .map_err(|e| e.to_string())?
             .ok_or("source pvclock unreadable")?;
