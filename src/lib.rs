@@ -17,3 +17,8 @@ pub mod restore;
 pub mod signal;
 
 pub use manager::{clock_state_from_snapshot, ClockManager, CLOCK_SNAPSHOT_ID};
+
+/// The README's Rust blocks, compiled as doc tests ("Use it in a VMM" must build).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -119,8 +119,12 @@ pub fn clock_state_from_snapshot(snapshot: &Snapshot) -> Result<ClockState, Migr
 }
 
 /// Owns a VM's clock backend; captures at pause, restores on the receiver.
-pub struct ClockManager {
-    backend: Arc<dyn ClockBackend>,
+///
+/// `'a` is how long the backend may borrow the VM (a [`crate::backend::kvm::KvmBackend`] over
+/// `&VmFd`/`&[VcpuFd]`); `ClockManager<'static>` owns it (an adapter over the VMM's own
+/// hypervisor objects).
+pub struct ClockManager<'a> {
+    backend: Arc<dyn ClockBackend + 'a>,
     vmclock: Option<Arc<dyn VmclockMemory>>,
     options: RestoreOptions,
     captured: Option<ClockState>,
@@ -128,9 +132,9 @@ pub struct ClockManager {
     paused: bool,
 }
 
-impl ClockManager {
+impl<'a> ClockManager<'a> {
     /// A manager over `backend`.
-    pub fn new(backend: Arc<dyn ClockBackend>) -> Self {
+    pub fn new(backend: Arc<dyn ClockBackend + 'a>) -> Self {
         ClockManager {
             backend,
             vmclock: None,
@@ -160,7 +164,7 @@ impl ClockManager {
     }
 
     /// The backend.
-    pub fn backend(&self) -> &Arc<dyn ClockBackend> {
+    pub fn backend(&self) -> &Arc<dyn ClockBackend + 'a> {
         &self.backend
     }
 
@@ -224,7 +228,7 @@ fn read_magic(mem: &dyn VmclockMemory) -> Option<u32> {
     Some(u32::from_le_bytes(b))
 }
 
-impl Pausable for ClockManager {
+impl Pausable for ClockManager<'_> {
     fn pause(&mut self) -> Result<(), MigratableError> {
         if self.paused {
             return Ok(());
@@ -243,7 +247,7 @@ impl Pausable for ClockManager {
     }
 }
 
-impl Snapshottable for ClockManager {
+impl Snapshottable for ClockManager<'_> {
     fn id(&self) -> String {
         CLOCK_SNAPSHOT_ID.to_string()
     }
@@ -258,6 +262,6 @@ impl Snapshottable for ClockManager {
     }
 }
 
-impl Transportable for ClockManager {}
+impl Transportable for ClockManager<'_> {}
 
-impl Migratable for ClockManager {}
+impl Migratable for ClockManager<'_> {}

@@ -43,7 +43,7 @@ pub type VmmResult<T> = Result<T, String>;
 /// The VMM state.
 pub struct Vmm {
     vm: Option<Arc<Vm>>,
-    clock: Option<ClockManager>,
+    clock: Option<ClockManager<'static>>,
     /// The guest observation from before the disruption (old process / sender).
     before: Option<GuestObservation>,
     report: Option<RestoreReport>,

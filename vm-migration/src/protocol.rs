@@ -525,7 +525,7 @@ impl MemoryRangeTable {
     /// Read a `length`-byte table. CH asserts that `length` is a multiple of 16; the stand-in
     /// returns an error for that, and for a table over 16 MiB, before allocating anything.
     pub fn read_from(fd: &mut dyn Read, length: u64) -> Result<MemoryRangeTable, MigratableError> {
-        if length % RANGE_SIZE as u64 != 0 || length > MAX_TABLE_BYTES {
+        if !length.is_multiple_of(RANGE_SIZE as u64) || length > MAX_TABLE_BYTES {
             return Err(MigratableError::MigrateReceive(anyhow!(
                 "bad memory range table length {length}"
             )));
