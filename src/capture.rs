@@ -36,7 +36,7 @@ pub enum CaptureError {
 
 /// Take (K, W, host_tsc) with the best method the kernel offers; returns the sample, how it was
 /// taken, and the uncertainty in ns (0 for an atomic kernel snapshot).
-pub fn sample_clock(
+pub(crate) fn sample_clock(
     backend: &dyn ClockBackend,
 ) -> Result<(KvmClockSample, CaptureKind, u64), BackendError> {
     let r0 = backend.host_realtime_ns();

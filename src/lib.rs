@@ -5,6 +5,8 @@
 //! held before: on a live update the identical kvmclock function and TSC offsets, on a live
 //! migration "kvmclock was K at wallclock W" and "vCPU n's TSC was Tₙ at kvmclock Kₙ".
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod math;
 
@@ -15,3 +17,8 @@ pub mod restore;
 pub mod signal;
 
 pub use manager::{clock_state_from_snapshot, ClockManager, CLOCK_SNAPSHOT_ID};
+
+/// The README's Rust blocks, compiled as doc tests ("Use it in a VMM" must build).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -4,19 +4,20 @@
 //!   `Pausable::resume` leaves the clocks alone: kvmclock and the TSCs kept running in KVM, so a
 //!   source that resumes after an abandoned migration continues with zero error.
 //! - `Snapshottable`: id `"clock"`; the snapshot carries the framed, CRC-protected, versioned
-//!   section (`SnapshotData::new_from_versioned_state`); `restore` restores from it.
-//! - `Transportable`: `file://` URLs, through vm-migration's helpers.
-//! - `Migratable`: the clocks have no dirty memory; the defaults apply.
+//!   section. With CH v38's vm-migration it is a versionize state
+//!   (`SnapshotData::new_from_versioned_state`); with the `ch-current` feature (CH v53, serde
+//!   only) the same frame is carried as bytes in a JSON state.
+//! - CH restores a component when it creates it, from its snapshot (no `restore` method on
+//!   `Snapshottable` since CH v29): [`ClockManager::restore_snapshot`] does it, and
+//!   [`clock_state_from_snapshot`] decodes a section without a VM.
+//! - `Transportable`, `Migratable`: the clocks have no transport of their own and no dirty
+//!   memory; the defaults apply.
 
 use std::sync::Arc;
 
 use guest_clock_format::{ClockState, FramedClockState};
 use log::{info, warn};
-use versionize::{VersionMap, Versionize, VersionizeResult};
-use vm_migration::{
-    Migratable, MigratableError, Pausable, Snapshot, SnapshotData, Snapshottable, Transportable,
-    VersionMapped,
-};
+use vm_migration::{Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable};
 
 use crate::backend::ClockBackend;
 use crate::capture::{capture, CaptureError};
@@ -26,33 +27,79 @@ use crate::signal::{VmclockMemory, VmclockWriter};
 /// The id of the clock section in a VMM's snapshot tree.
 pub const CLOCK_SNAPSHOT_ID: &str = "clock";
 
-/// The section as a versionize type with our version map, for `SnapshotData`.
-struct ClockSection(FramedClockState);
+fn restore_err(e: impl std::fmt::Display) -> MigratableError {
+    MigratableError::Restore(anyhow::anyhow!("clock: {e}"))
+}
 
-impl Versionize for ClockSection {
-    fn serialize<W: std::io::Write>(
-        &self,
-        writer: &mut W,
-        version_map: &VersionMap,
-        app_version: u16,
-    ) -> VersionizeResult<()> {
-        self.0.serialize(writer, version_map, app_version)
+#[cfg(not(feature = "ch-current"))]
+mod carrier {
+    //! CH v38: the frame as a versionize state with the format's version map.
+    use guest_clock_format::FramedClockState;
+    use versionize::{VersionMap, Versionize, VersionizeResult};
+    use vm_migration::{MigratableError, Snapshot, SnapshotData, VersionMapped};
+
+    pub(super) struct ClockSection(pub(super) FramedClockState);
+
+    impl Versionize for ClockSection {
+        fn serialize<W: std::io::Write>(
+            &self,
+            writer: &mut W,
+            version_map: &VersionMap,
+            app_version: u16,
+        ) -> VersionizeResult<()> {
+            self.0.serialize(writer, version_map, app_version)
+        }
+        fn deserialize<R: std::io::Read>(
+            reader: &mut R,
+            version_map: &VersionMap,
+            app_version: u16,
+        ) -> VersionizeResult<Self> {
+            FramedClockState::deserialize(reader, version_map, app_version).map(ClockSection)
+        }
+        fn version() -> u16 {
+            FramedClockState::version()
+        }
     }
-    fn deserialize<R: std::io::Read>(
-        reader: &mut R,
-        version_map: &VersionMap,
-        app_version: u16,
-    ) -> VersionizeResult<Self> {
-        FramedClockState::deserialize(reader, version_map, app_version).map(ClockSection)
+
+    impl VersionMapped for ClockSection {
+        fn version_map() -> VersionMap {
+            guest_clock_format::version_map()
+        }
     }
-    fn version() -> u16 {
-        FramedClockState::version()
+
+    pub(super) fn to_snapshot(state: FramedClockState) -> Result<Snapshot, MigratableError> {
+        SnapshotData::new_from_versioned_state(&ClockSection(state)).map(Snapshot::from_data)
+    }
+
+    pub(super) fn from_data(data: &SnapshotData) -> Result<FramedClockState, MigratableError> {
+        data.to_versioned_state::<ClockSection>().map(|s| s.0)
     }
 }
 
-impl VersionMapped for ClockSection {
-    fn version_map() -> VersionMap {
-        guest_clock_format::version_map()
+#[cfg(feature = "ch-current")]
+mod carrier {
+    //! CH v53: serde only; the frame (`guest_clock_format::encode`) travels as bytes.
+    use guest_clock_format::{FramedClockState, CURRENT_VERSION};
+    use serde::{Deserialize, Serialize};
+    use vm_migration::{MigratableError, Snapshot, SnapshotData};
+
+    /// The JSON state: `{"frame": [bytes]}`.
+    #[derive(Serialize, Deserialize)]
+    struct ClockSectionJson {
+        frame: Vec<u8>,
+    }
+
+    pub(super) fn to_snapshot(state: FramedClockState) -> Result<Snapshot, MigratableError> {
+        let frame = guest_clock_format::encode(&state.0, CURRENT_VERSION)
+            .map_err(|e| MigratableError::Snapshot(anyhow::anyhow!("clock: {e}")))?;
+        SnapshotData::new_from_state(&ClockSectionJson { frame }).map(Snapshot::from_data)
+    }
+
+    pub(super) fn from_data(data: &SnapshotData) -> Result<FramedClockState, MigratableError> {
+        let json: ClockSectionJson = data.to_state()?;
+        guest_clock_format::decode(&json.frame)
+            .map(|d| FramedClockState(d.state))
+            .map_err(super::restore_err)
     }
 }
 
@@ -64,17 +111,20 @@ pub fn clock_state_from_snapshot(snapshot: &Snapshot) -> Result<ClockState, Migr
         .get(CLOCK_SNAPSHOT_ID)
         .unwrap_or(snapshot);
     let data = own.snapshot_data.as_ref().ok_or_else(|| {
-        MigratableError::Restore(
-            format!("snapshot has no '{CLOCK_SNAPSHOT_ID}' section data").into(),
-        )
+        restore_err(format!(
+            "snapshot has no '{CLOCK_SNAPSHOT_ID}' section data"
+        ))
     })?;
-    let section: ClockSection = data.to_versioned_state()?;
-    Ok(section.0 .0)
+    carrier::from_data(data).map(|s| s.0)
 }
 
 /// Owns a VM's clock backend; captures at pause, restores on the receiver.
-pub struct ClockManager {
-    backend: Arc<dyn ClockBackend>,
+///
+/// `'a` is how long the backend may borrow the VM (a [`crate::backend::kvm::KvmBackend`] over
+/// `&VmFd`/`&[VcpuFd]`); `ClockManager<'static>` owns it (an adapter over the VMM's own
+/// hypervisor objects).
+pub struct ClockManager<'a> {
+    backend: Arc<dyn ClockBackend + 'a>,
     vmclock: Option<Arc<dyn VmclockMemory>>,
     options: RestoreOptions,
     captured: Option<ClockState>,
@@ -83,9 +133,9 @@ pub struct ClockManager {
     vm_id: [u8; 16],
 }
 
-impl ClockManager {
+impl<'a> ClockManager<'a> {
     /// A manager over `backend`.
-    pub fn new(backend: Arc<dyn ClockBackend>) -> Self {
+    pub fn new(backend: Arc<dyn ClockBackend + 'a>) -> Self {
         ClockManager {
             backend,
             vmclock: None,
@@ -124,7 +174,7 @@ impl ClockManager {
     }
 
     /// The backend.
-    pub fn backend(&self) -> &Arc<dyn ClockBackend> {
+    pub fn backend(&self) -> &Arc<dyn ClockBackend + 'a> {
         &self.backend
     }
 
@@ -159,6 +209,17 @@ impl ClockManager {
         Ok(state)
     }
 
+    /// Restore the clocks from `snapshot` (a VM's snapshot tree with a `"clock"` child, or the
+    /// clock's own snapshot), as a CH component does when it is created from a snapshot.
+    pub fn restore_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+    ) -> Result<RestoreReport, MigratableError> {
+        let state = clock_state_from_snapshot(snapshot)?;
+        self.restore_state(&state)
+            .map_err(|e| MigratableError::Restore(anyhow::Error::new(e)))
+    }
+
     /// Restore `state` into this manager's VM with the configured options.
     pub fn restore_state(&mut self, state: &ClockState) -> Result<RestoreReport, RestoreError> {
         let report = restore(
@@ -178,13 +239,13 @@ fn read_magic(mem: &dyn VmclockMemory) -> Option<u32> {
     Some(u32::from_le_bytes(b))
 }
 
-impl Pausable for ClockManager {
+impl Pausable for ClockManager<'_> {
     fn pause(&mut self) -> Result<(), MigratableError> {
         if self.paused {
             return Ok(());
         }
         self.capture_now()
-            .map_err(|e| MigratableError::Pause(e.to_string().into()))?;
+            .map_err(|e| MigratableError::Pause(anyhow::Error::new(e)))?;
         self.paused = true;
         Ok(())
     }
@@ -197,37 +258,21 @@ impl Pausable for ClockManager {
     }
 }
 
-impl Snapshottable for ClockManager {
+impl Snapshottable for ClockManager<'_> {
     fn id(&self) -> String {
         CLOCK_SNAPSHOT_ID.to_string()
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        let state = match &self.captured {
-            Some(s) if self.paused => s.clone(),
-            _ => {
-                return Err(MigratableError::Snapshot(
-                    "clock: pause the VM before taking a snapshot"
-                        .to_string()
-                        .into(),
-                ))
-            }
-        };
-        let data = SnapshotData::new_from_versioned_state(&ClockSection(FramedClockState(state)))?;
-        Ok(Snapshot {
-            snapshots: Default::default(),
-            snapshot_data: Some(data),
-        })
-    }
-
-    fn restore(&mut self, snapshot: Snapshot) -> Result<(), MigratableError> {
-        let state = clock_state_from_snapshot(&snapshot)?;
-        self.restore_state(&state)
-            .map_err(|e| MigratableError::Restore(e.to_string().into()))?;
-        Ok(())
+        match &self.captured {
+            Some(s) if self.paused => carrier::to_snapshot(FramedClockState(s.clone())),
+            _ => Err(MigratableError::Snapshot(anyhow::anyhow!(
+                "clock: pause the VM before taking a snapshot"
+            ))),
+        }
     }
 }
 
-impl Transportable for ClockManager {}
+impl Transportable for ClockManager<'_> {}
 
-impl Migratable for ClockManager {}
+impl Migratable for ClockManager<'_> {}

@@ -259,6 +259,39 @@ pub fn pvclock_eval_ns(info: &PvclockTimeInfo, tsc_ticks: u64) -> i128 {
 
 // ---------------------------------------------------------------- the preserved relationships
 
+/// Why the host TSC did not continue between a capture and a reading on the same machine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum TscDiscontinuity {
+    /// The section does not say how fast the source host's TSC ran.
+    #[error("the source host TSC rate is unknown (0 kHz)")]
+    UnknownRate,
+    /// The host TSC is below the captured one: it was reset (reboot).
+    #[error("the host TSC went back ({now_ticks} < {captured_ticks}): it was reset")]
+    TscWentBack {
+        /// Host TSC at the capture.
+        captured_ticks: u64,
+        /// Host TSC now.
+        now_ticks: u64,
+    },
+    /// Host realtime is below the captured W.
+    #[error("host realtime went back since the capture")]
+    RealtimeWentBack,
+    /// The TSC and realtime measured different elapsed times.
+    #[error(
+        "the host TSC is not continuous: it measured {tsc_elapsed_ns} ns where realtime measured \
+         {realtime_elapsed_ns} ns (tolerance {tolerance_ns} ns)"
+    )]
+    ElapsedDisagree {
+        /// Elapsed time by the host TSC, ns.
+        tsc_elapsed_ns: u64,
+        /// Elapsed time by host realtime, ns.
+        realtime_elapsed_ns: u64,
+        /// The tolerance applied, ns.
+        tolerance_ns: u64,
+    },
+}
+
 /// Whether the host TSC continued between a capture `(h₀, r₀)` and a reading `(h₁, r₁)` on the
 /// same machine: `|ticks_to_ns(h₁ − h₀, khz) − (r₁ − r₀)| ≤ max(floor_ns, (r₁ − r₀) · ppm / 1e6)`.
 /// Fails (with the reason) when realtime or the TSC went backwards (reboot, stepped clock) or the
@@ -271,17 +304,18 @@ pub fn host_tsc_continuity(
     dst_realtime_ns: u64,
     tolerance_ppm: u64,
     floor_ns: u64,
-) -> Result<(), String> {
+) -> Result<(), TscDiscontinuity> {
     if host_khz == 0 {
-        return Err("the source host TSC rate is unknown (0 kHz)".into());
+        return Err(TscDiscontinuity::UnknownRate);
     }
     if dst_host_tsc_ticks < src_host_tsc_ticks {
-        return Err(format!(
-            "the host TSC went back ({dst_host_tsc_ticks} < {src_host_tsc_ticks}): it was reset"
-        ));
+        return Err(TscDiscontinuity::TscWentBack {
+            captured_ticks: src_host_tsc_ticks,
+            now_ticks: dst_host_tsc_ticks,
+        });
     }
     if dst_realtime_ns < src_realtime_ns {
-        return Err("host realtime went back since the capture".into());
+        return Err(TscDiscontinuity::RealtimeWentBack);
     }
     let elapsed_rt = dst_realtime_ns - src_realtime_ns;
     let elapsed_tsc = ticks_to_ns_round(dst_host_tsc_ticks - src_host_tsc_ticks, host_khz);
@@ -289,12 +323,12 @@ pub fn host_tsc_continuity(
         u64::try_from(u128::from(elapsed_rt) * u128::from(tolerance_ppm) / 1_000_000)
             .unwrap_or(u64::MAX),
     );
-    let gap = elapsed_tsc.abs_diff(elapsed_rt);
-    if gap > tol {
-        return Err(format!(
-            "the host TSC is not continuous: it measured {elapsed_tsc} ns where realtime measured \
-             {elapsed_rt} ns (tolerance {tol} ns)"
-        ));
+    if elapsed_tsc.abs_diff(elapsed_rt) > tol {
+        return Err(TscDiscontinuity::ElapsedDisagree {
+            tsc_elapsed_ns: elapsed_tsc,
+            realtime_elapsed_ns: elapsed_rt,
+            tolerance_ns: tol,
+        });
     }
     Ok(())
 }

@@ -4,11 +4,13 @@
 mod common;
 
 use common::test_vm;
+use guest_clock::backend::kvm::KvmBackend;
 use guest_clock::backend::{
-    BackendError, ClockBackend, ClockData, TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
-    PVCLOCK_GUEST_STOPPED,
+    BackendError, ClockData, HostFacts, Hypervisor, TscControl, KVM_CLOCK_HOST_TSC,
+    KVM_CLOCK_REALTIME, PVCLOCK_GUEST_STOPPED,
 };
 use guest_clock::restore::{restore, RestoreMode, RestoreOptions};
+use kvm_ioctls::{Kvm, VcpuFd};
 
 #[test]
 fn capabilities_and_host_info() {
@@ -171,4 +173,24 @@ fn plugin_live_update_on_real_kvm() {
     // kd was read between ks and ks2: a correctness bound of 100 µs either side.
     assert!(kd + 100_000 >= ks && kd <= ks2 + 100_000, "{ks} {kd} {ks2}");
     assert!(r.kvmclock_error_ns.unsigned_abs() < 100_000);
+}
+
+/// The borrowed form a VMM with plain fds uses: `KvmBackend::new(&vm, &vcpus)`.
+#[test]
+fn backend_over_borrowed_fds() {
+    let Ok(kvm) = Kvm::new() else {
+        eprintln!("SKIP: /dev/kvm not usable here; KVM backend test not run");
+        return;
+    };
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
+    let b = KvmBackend::new(&vm, &vcpus).expect("backend");
+    assert_eq!(b.vcpu_count(), 2);
+    assert!(b.tsc_khz(1).unwrap() > 0);
+    assert!(matches!(
+        b.tsc_khz(2),
+        Err(BackendError::NoSuchVcpu { vcpu: 2, count: 2 })
+    ));
+    assert!(b.host_realtime_ns() > 0);
+    assert!(KvmBackend::new(&vm, &[]).is_err(), "no vCPUs");
 }

@@ -3,8 +3,8 @@
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
 use guest_clock::backend::{
-    BackendError, ClockBackend, ClockData, TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
-    PVCLOCK_GUEST_STOPPED,
+    BackendError, ClockData, HostFacts, Hypervisor, PvclockPages, TscControl, KVM_CLOCK_HOST_TSC,
+    KVM_CLOCK_REALTIME, PVCLOCK_GUEST_STOPPED,
 };
 
 const KHZ: u32 = 2_445_404;

@@ -151,7 +151,11 @@ pub fn row(scenario: &str, clock: &Value) -> Row {
             .as_array()
             .map(|w| {
                 w.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
+                    .filter_map(|s| {
+                        serde_json::from_value::<guest_clock::restore::RestoreWarning>(s.clone())
+                            .ok()
+                            .map(|w| w.to_string())
+                    })
                     .collect()
             })
             .unwrap_or_default(),

@@ -76,7 +76,7 @@ pub struct MigrationHint {
 }
 
 /// The State payload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct MigrationState {
     /// The VM's snapshot tree (child "clock").
     pub snapshot: Snapshot,
@@ -322,11 +322,12 @@ pub fn request(s: &mut Stream, req: Request, payload: &[u8]) -> Result<(), Reque
     s.write_all(payload)
         .map_err(|e| no_answer(format!("sending {name}: {e}")))?;
     s.flush().ok();
-    let r = Response::read_from(s).map_err(|e| no_answer(format!("no response to {name}: {e}")))?;
+    let (r, length) =
+        read_response(s).map_err(|e| no_answer(format!("no response to {name}: {e}")))?;
     match r.status() {
         Status::Ok => Ok(()),
         Status::Error => {
-            let n = r.length().min(MAX_REASON_LEN);
+            let n = length.min(MAX_REASON_LEN);
             let mut reason = Vec::new();
             let _ = s.take(n).read_to_end(&mut reason);
             Err(RequestError::Refused(format!(
@@ -336,6 +337,17 @@ pub fn request(s: &mut Stream, req: Request, payload: &[u8]) -> Result<(), Reque
         }
         Status::Invalid => Err(no_answer(format!("invalid response to {name}"))),
     }
+}
+
+/// Read a response header and its `length` field (CH v38's `Response` keeps it private; this
+/// VMM sends an error's reason as that many bytes after an `Error` header).
+fn read_response(s: &mut Stream) -> Result<(Response, u64), String> {
+    let mut b = [0u8; 16];
+    s.read_exact(&mut b).map_err(|e| e.to_string())?;
+    let r = Response::read_from(&mut &b[..]).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&b[8..16]);
+    Ok((r, u64::from_ne_bytes(len)))
 }
 
 /// Reply Ok.
@@ -369,14 +381,14 @@ pub fn reply_error(s: &mut Stream, reason: &str) {
 pub fn read_payload(s: &mut Stream, req: &Request, max: u64) -> Result<Vec<u8>, String> {
     if req.length() > max {
         return Err(format!(
-            "{:?} payload of {} bytes exceeds the {max}-byte bound",
-            req.command(),
+            "{} payload of {} bytes exceeds the {max}-byte bound",
+            command_name(req.command()),
             req.length()
         ));
     }
     let mut buf = vec![0u8; req.length() as usize];
     s.read_exact(&mut buf)
-        .map_err(|e| format!("reading {:?} payload: {e}", req.command()))?;
+        .map_err(|e| format!("reading {} payload: {e}", command_name(req.command())))?;
     Ok(buf)
 }
 

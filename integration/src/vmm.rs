@@ -30,7 +30,7 @@ pub const MEMORY_FILE: &str = "memory.bin";
 pub const MAX_STATE_FILE: u64 = 64 << 20;
 
 /// state.json of a snapshot directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SnapshotFile {
     /// The VM configuration (its identity included).
     pub config: VmConfig,
@@ -55,7 +55,7 @@ enum Phase {
 /// The VMM state.
 pub struct Vmm {
     vm: Option<Arc<Vm>>,
-    clock: Option<ClockManager>,
+    clock: Option<ClockManager<'static>>,
     /// The guest observation from before the disruption (old process / sender).
     before: Option<GuestObservation>,
     report: Option<RestoreReport>,
@@ -499,7 +499,12 @@ impl Vmm {
                     || table.regions()[0].length != size
                 {
                     return Err(VmmError::bad(format!(
-                        "memory table {table:?} does not cover the {size}-byte guest"
+                        "memory table {:?} does not cover the {size}-byte guest",
+                        table
+                            .regions()
+                            .iter()
+                            .map(|r| (r.gpa, r.length))
+                            .collect::<Vec<_>>()
                     )));
                 }
                 vm.load_memory(s)?;
@@ -545,8 +550,8 @@ impl Vmm {
             }
             Command::Abandon => Ok(Step::Abandoned),
             Command::Invalid | Command::MemoryFd => Err(VmmError::bad(format!(
-                "unsupported command {:?}",
-                req.command()
+                "unsupported command {}",
+                migration::command_name(req.command())
             ))),
         }
     }
@@ -579,9 +584,15 @@ fn memory_bytes(cfg: &VmConfig) -> VmmResult<u64> {
         .ok_or_else(|| VmmError::bad(format!("{} MiB of memory", cfg.memory_mib)))
 }
 
-/// The directory of a `file://DIR` URL.
+/// The directory of a `file://DIR` URL (CH's vm-migration has no URL helper; this VMM's own).
 pub fn file_url(url: &str) -> VmmResult<PathBuf> {
-    vm_migration::url::url_to_path(url).map_err(|e| VmmError::bad(e.to_string()))
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| VmmError::bad(format!("not a file:// URL: {url}")))?;
+    if path.is_empty() {
+        return Err(VmmError::bad("empty file:// path"));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Read and parse a snapshot directory's state.json (a regular file, no symlink, bounded).

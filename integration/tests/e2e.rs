@@ -302,7 +302,8 @@ fn corrupted_snapshot_is_refused_before_creating_the_vm() {
     drop(a);
     let state = snap_dir.join("state.json");
     let mut v: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
-    let bytes = v["snapshot"]["snapshots"]["clock"]["snapshot_data"]["state"]
+    // CH v38's SnapshotData(Vec<u8>): the section's bytes are the JSON array itself.
+    let bytes = v["snapshot"]["snapshots"]["clock"]["snapshot_data"]
         .as_array_mut()
         .unwrap();
     let i = bytes.len() - 20;

@@ -9,14 +9,14 @@ use super::{BackendError, HostInfo};
 
 /// 64-bit FNV-1a: a stable hash (std's hasher is randomised per process).
 /// `h = 0xcbf29ce484222325; for b: h = (h ^ b) · 0x100000001b3`.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
 /// Parse a UUID string (`8-4-4-4-12` hex) into 16 bytes.
-pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+pub(crate) fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
     if hex.len() != 32 {
         return None;
@@ -36,7 +36,7 @@ fn read_trim(path: &str) -> Result<String, BackendError> {
 
 /// The host TSC rate from sysfs (`/sys/devices/system/cpu/cpu0/tsc_freq_khz`), if the kernel
 /// exposes it.
-pub fn sysfs_tsc_khz() -> Option<u32> {
+pub(crate) fn sysfs_tsc_khz() -> Option<u32> {
     read_trim("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
         .ok()?
         .parse()
@@ -88,7 +88,7 @@ pub fn read_host_info(host_tsc_khz: u32) -> Result<HostInfo, BackendError> {
 }
 
 /// Which KVM module serves /dev/kvm: `kvm_pvm`, `kvm_intel`, `kvm_amd`, or `kvm`.
-pub fn kvm_flavour() -> &'static str {
+pub(crate) fn kvm_flavour() -> &'static str {
     for m in ["kvm_pvm", "kvm_intel", "kvm_amd"] {
         if std::path::Path::new(&format!("/sys/module/{m}")).exists() {
             return m;
@@ -105,13 +105,15 @@ pub fn realtime_ns() -> u64 {
 }
 
 /// The host TSC (`RDTSC`).
+#[cfg(target_arch = "x86_64")]
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// TSC scaling fractional bits for this CPU's vendor: 48 Intel, 32 AMD, 0 otherwise.
-pub fn tsc_scaling_frac_bits() -> u8 {
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn tsc_scaling_frac_bits() -> u8 {
     // CPUID leaf 0 (vendor string) exists on every x86_64 CPU and has no side effects.
     let r = core::arch::x86_64::__cpuid(0);
     let mut vendor = [0u8; 12];

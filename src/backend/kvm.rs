@@ -1,40 +1,48 @@
-//! The real backend: kvm-ioctls on `/dev/kvm`.
+//! The real backend: kvm-ioctls on `/dev/kvm` (x86_64).
+//!
+//! [`KvmBackend`] works on the VMM's own file descriptors, borrowed (`&VmFd`, `&[VcpuFd]`) or
+//! through any [`VcpuFds`] the VMM implements; it holds no lock of its own, so nothing is held
+//! across `KVM_RUN` (the plugin runs while the vCPUs are paused). [`KvmInfo`] (capabilities,
+//! flavour, host TSC rate, host identity) is probed once and can be reused for every backend
+//! built over the same VM.
 //!
 //! Thin wrappers, one per ioctl, every errno surfacing as [`BackendError::Ioctl`] with the ioctl's
 //! name. kvm-ioctls 0.25 wraps `KVM_{HAS,GET,SET}_DEVICE_ATTR` on vCPU fds only for aarch64, so
-//! the TSC-offset attribute ioctls are defined here with vmm-sys-util's ioctl macros.
+//! the TSC-offset attribute ioctls are defined here with vmm-sys-util's ioctl macros; the
+//! constants come from kvm-bindings.
 //!
 //! TSC writes are never trusted: after every offset or `MSR_IA32_TSC` write the backend reads
 //! the guest TSC back through the MSR, bracketed by host TSC reads, and records
 //! [`TscControl::Ignored`] when the guest TSC did not follow (kvm_pvm ignores such writes).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::borrow::Borrow;
+use std::sync::{Mutex, MutexGuard};
 
-use kvm_bindings::{kvm_clock_data, kvm_device_attr, kvm_msr_entry, Msrs, KVMIO};
+use kvm_bindings::{
+    kvm_clock_data, kvm_device_attr, kvm_msr_entry, Msrs, KVM_CAP_VCPU_ATTRIBUTES,
+    KVM_CAP_VM_TSC_CONTROL, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET,
+};
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::ioctl_iow_nr;
 
 use super::host;
 use super::{
-    BackendError, Capabilities, ClockBackend, ClockData, HostInfo, PvclockTimeInfo, Result,
+    BackendError, Capabilities, ClockData, HostFacts, HostInfo, Hypervisor, Result, SystemHost,
     TscControl, KVM_CLOCK_REALTIME, MSR_IA32_TSC,
 };
 use crate::math;
 
-ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
-ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
-ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, KVMIO, 0xe3, kvm_device_attr);
+mod nr {
+    //! The vCPU device-attribute ioctl numbers kvm-ioctls does not wrap on x86_64.
+    use kvm_bindings::{kvm_device_attr, KVMIO};
+    use vmm_sys_util::ioctl_iow_nr;
 
-/// `KVM_VCPU_TSC_CTRL`: the vCPU attribute group of the TSC.
-pub const KVM_VCPU_TSC_CTRL: u32 = 0;
-/// `KVM_VCPU_TSC_OFFSET`: the L1 TSC offset attribute (u64).
-pub const KVM_VCPU_TSC_OFFSET: u64 = 0;
-/// `KVM_CAP_VCPU_ATTRIBUTES`.
-pub const KVM_CAP_VCPU_ATTRIBUTES: u64 = 127;
-/// `KVM_CAP_VM_TSC_CONTROL`.
-pub const KVM_CAP_VM_TSC_CONTROL: u64 = 214;
+    ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+    ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
+    ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, KVMIO, 0xe3, kvm_device_attr);
+}
+use nr::{KVM_GET_DEVICE_ATTR, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR};
 
 /// A guest TSC read back this many ticks outside the bracket of what a write asked for means the
 /// write was ignored (0.1 ms at 1 GHz; a write that worked lands within a few ticks).
@@ -59,102 +67,79 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A pvclock reader: the VMM knows where each vCPU's pvclock page lies in guest memory.
-pub type PvclockReader = Box<dyn Fn(usize) -> Option<PvclockTimeInfo> + Send + Sync>;
+/// How a [`KvmBackend`] reaches the vCPU file descriptors: for the duration of one call each.
+///
+/// Implemented for slices and vectors of `VcpuFd` and `&VcpuFd`; a VMM that keeps its vCPU fds
+/// elsewhere (behind its own lock, inside its vCPU objects) implements it over those.
+pub trait VcpuFds: Send + Sync {
+    /// Number of vCPUs.
+    fn count(&self) -> usize;
+    /// Run `f` on vCPU `index`'s fd; `None` when there is no such vCPU.
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R>;
+}
 
-/// The KVM backend of one VM.
-pub struct KvmBackend {
-    vm: Arc<VmFd>,
-    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+impl VcpuFds for [VcpuFd] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.get(index).map(f)
+    }
+}
+
+impl VcpuFds for [&VcpuFd] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.get(index).map(|v| f(v))
+    }
+}
+
+impl<T> VcpuFds for Vec<T>
+where
+    [T]: VcpuFds,
+    T: Send + Sync,
+{
+    fn count(&self) -> usize {
+        self.as_slice().count()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.as_slice().with_vcpu(index, f)
+    }
+}
+
+impl<T: VcpuFds + ?Sized> VcpuFds for &T {
+    fn count(&self) -> usize {
+        (**self).count()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        (**self).with_vcpu(index, f)
+    }
+}
+
+/// What a [`KvmBackend`] probes once per VM: capabilities, KVM flavour, host TSC rate and the
+/// host's identity.
+#[derive(Debug, Clone)]
+pub struct KvmInfo {
     caps: Capabilities,
     flavour: &'static str,
     host_tsc_khz: u32,
-    tsc_control: Mutex<TscControl>,
-    pvclock_reader: Option<PvclockReader>,
-    /// Host identity, read once: machine-id and boot_id cannot change under a running process
-    /// (a kexec ends it); the clocksource is re-read with the NTP state by `host_info`.
-    identity: guest_clock_format::HostIdentity,
+    host: SystemHost,
 }
 
-impl std::fmt::Debug for KvmBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvmBackend")
-            .field("flavour", &self.flavour)
-            .field("vcpus", &self.vcpus.len())
-            .field("caps", &self.caps)
-            .field("host_tsc_khz", &self.host_tsc_khz)
-            .finish()
-    }
-}
-
-/// `KVM_HAS_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)` on a vCPU.
-pub fn has_tsc_offset_attr(vcpu: &VcpuFd) -> bool {
-    let attr = kvm_device_attr {
-        group: KVM_VCPU_TSC_CTRL,
-        attr: KVM_VCPU_TSC_OFFSET,
-        addr: 0,
-        flags: 0,
-    };
-    // SAFETY: KVM_HAS_DEVICE_ATTR reads a kvm_device_attr we own; addr is not dereferenced.
-    let rc = unsafe { ioctl_with_ref(vcpu, KVM_HAS_DEVICE_ATTR(), &attr) };
-    rc == 0
-}
-
-/// `KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)`.
-pub fn get_tsc_offset(vcpu: &VcpuFd) -> Result<u64> {
-    let mut value: u64 = 0;
-    let attr = kvm_device_attr {
-        group: KVM_VCPU_TSC_CTRL,
-        attr: KVM_VCPU_TSC_OFFSET,
-        addr: &mut value as *mut u64 as u64,
-        flags: 0,
-    };
-    // SAFETY: the kernel writes one u64 at attr.addr, which points at `value`, alive and
-    // exclusively ours for the duration of the call.
-    let rc = unsafe { ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
-    if rc != 0 {
-        return Err(last_err("KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)"));
-    }
-    Ok(value)
-}
-
-/// `KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)`.
-pub fn set_tsc_offset(vcpu: &VcpuFd, offset: u64) -> Result<()> {
-    let mut value = offset;
-    let mut attr = kvm_device_attr {
-        group: KVM_VCPU_TSC_CTRL,
-        attr: KVM_VCPU_TSC_OFFSET,
-        addr: &mut value as *mut u64 as u64,
-        flags: 0,
-    };
-    // SAFETY: the kernel reads one u64 at attr.addr, which points at `value`, alive for the call.
-    let rc = unsafe { ioctl_with_mut_ref(vcpu, KVM_SET_DEVICE_ATTR(), &mut attr) };
-    if rc != 0 {
-        return Err(last_err("KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)"));
-    }
-    Ok(())
-}
-
-impl KvmBackend {
-    /// Wrap a VM and its vCPUs (the VMM locks each vCPU's mutex around `KVM_RUN`; the backend is
-    /// called while the vCPUs are paused). Probes capabilities now; the host TSC rate comes from
-    /// sysfs, else from vCPU 0's `KVM_GET_TSC_KHZ` (a fresh vCPU runs at the host's rate).
-    pub fn new(vm: Arc<VmFd>, vcpus: Vec<Arc<Mutex<VcpuFd>>>) -> Result<Self> {
-        let first = vcpus
-            .first()
-            .ok_or(BackendError::NoSuchVcpu { vcpu: 0, count: 0 })?;
+impl KvmInfo {
+    /// Probe `vm` and its first vCPU. The host TSC rate comes from sysfs, else from the vCPU's
+    /// `KVM_GET_TSC_KHZ` (a fresh vCPU runs at the host's rate).
+    pub fn probe(vm: &VmFd, vcpu0: &VcpuFd) -> Result<Self> {
         let adjust = vm.check_extension_int(Cap::AdjustClock);
         let tsc_control = vm.check_extension_int(Cap::TscControl) > 0;
-        let vm_tsc_control = vm.check_extension_raw(KVM_CAP_VM_TSC_CONTROL) > 0;
-        let attrs = vm.check_extension_raw(KVM_CAP_VCPU_ATTRIBUTES) > 0;
-        let (has_attr, vcpu_khz) = {
-            let v = lock(first);
-            (
-                attrs && has_tsc_offset_attr(&v),
-                v.get_tsc_khz()
-                    .map_err(|e| ioctl_err("KVM_GET_TSC_KHZ", e))?,
-            )
-        };
+        let vm_tsc_control = vm.check_extension_raw(u64::from(KVM_CAP_VM_TSC_CONTROL)) > 0;
+        let attrs = vm.check_extension_raw(u64::from(KVM_CAP_VCPU_ATTRIBUTES)) > 0;
+        let has_attr = attrs && has_tsc_offset_attr(vcpu0);
+        let vcpu_khz = vcpu0
+            .get_tsc_khz()
+            .map_err(|e| ioctl_err("KVM_GET_TSC_KHZ", e))?;
         let caps = Capabilities {
             adjust_clock_flags: u32::try_from(adjust.max(0)).unwrap_or(0),
             tsc_control,
@@ -169,24 +154,18 @@ impl KvmBackend {
         };
         let flavour = host::kvm_flavour();
         let host_tsc_khz = host::sysfs_tsc_khz().unwrap_or(vcpu_khz);
-        info!("KVM backend ({flavour}): {caps:?}, host TSC {host_tsc_khz} kHz");
-        let identity = host::read_host_info(host_tsc_khz)?.identity;
-        Ok(KvmBackend {
-            identity,
-            vm,
-            vcpus,
+        info!("KVM ({flavour}): {caps:?}, host TSC {host_tsc_khz} kHz");
+        Ok(KvmInfo {
             caps,
             flavour,
             host_tsc_khz,
-            tsc_control: Mutex::new(TscControl::Unknown),
-            pvclock_reader: None,
+            host: SystemHost::new(host_tsc_khz)?,
         })
     }
 
-    /// Let the backend read the guest's pvclock pages (the VMM owns guest memory).
-    pub fn with_pvclock_reader(mut self, reader: PvclockReader) -> Self {
-        self.pvclock_reader = Some(reader);
-        self
+    /// The capabilities.
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
     }
 
     /// `kvm_pvm`, `kvm_intel`, `kvm_amd` or `kvm`.
@@ -198,15 +177,120 @@ impl KvmBackend {
     pub fn host_tsc_khz(&self) -> u32 {
         self.host_tsc_khz
     }
+}
 
-    fn vcpu(&self, vcpu: usize) -> Result<MutexGuard<'_, VcpuFd>> {
+/// The KVM backend of one VM over the VMM's file descriptors: `M` is how it holds the `VmFd`
+/// (`&VmFd`, `Arc<VmFd>`...), `V` how it reaches the vCPUs (`&[VcpuFd]`, or the VMM's own
+/// [`VcpuFds`]).
+pub struct KvmBackend<M, V> {
+    vm: M,
+    vcpus: V,
+    info: KvmInfo,
+    tsc_control: Mutex<TscControl>,
+}
+
+impl<M, V: VcpuFds> std::fmt::Debug for KvmBackend<M, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmBackend")
+            .field("info", &self.info)
+            .field("vcpus", &self.vcpus.count())
+            .finish()
+    }
+}
+
+/// `KVM_HAS_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)` on a vCPU.
+pub(crate) fn has_tsc_offset_attr(vcpu: &VcpuFd) -> bool {
+    let attr = kvm_device_attr {
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr: 0,
+        flags: 0,
+    };
+    // SAFETY: KVM_HAS_DEVICE_ATTR reads a kvm_device_attr we own; addr is not dereferenced.
+    let rc = unsafe { ioctl_with_ref(vcpu, KVM_HAS_DEVICE_ATTR(), &attr) };
+    rc == 0
+}
+
+/// `KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)`.
+pub(crate) fn get_tsc_offset(vcpu: &VcpuFd) -> Result<u64> {
+    let mut value: u64 = 0;
+    let attr = kvm_device_attr {
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr: &mut value as *mut u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: the kernel writes one u64 at attr.addr, which points at `value`, alive and
+    // exclusively ours for the duration of the call.
+    let rc = unsafe { ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
+    if rc != 0 {
+        return Err(last_err("KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)"));
+    }
+    Ok(value)
+}
+
+/// `KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)`.
+pub(crate) fn set_tsc_offset(vcpu: &VcpuFd, offset: u64) -> Result<()> {
+    let mut value = offset;
+    let mut attr = kvm_device_attr {
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr: &mut value as *mut u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads one u64 at attr.addr, which points at `value`, alive for the call.
+    let rc = unsafe { ioctl_with_mut_ref(vcpu, KVM_SET_DEVICE_ATTR(), &mut attr) };
+    if rc != 0 {
+        return Err(last_err("KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)"));
+    }
+    Ok(())
+}
+
+impl<'a> KvmBackend<&'a VmFd, &'a [VcpuFd]> {
+    /// A backend over borrowed fds; probes [`KvmInfo`] now (an error without vCPUs).
+    pub fn new(vm: &'a VmFd, vcpus: &'a [VcpuFd]) -> Result<Self> {
+        let first = vcpus
+            .first()
+            .ok_or(BackendError::NoSuchVcpu { vcpu: 0, count: 0 })?;
+        let info = KvmInfo::probe(vm, first)?;
+        Ok(Self::with_info(vm, vcpus, info))
+    }
+}
+
+impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
+    /// A backend over `vm` and `vcpus` with capabilities probed before (no ioctl).
+    pub fn with_info(vm: M, vcpus: V, info: KvmInfo) -> Self {
+        KvmBackend {
+            vm,
+            vcpus,
+            info,
+            tsc_control: Mutex::new(TscControl::Unknown),
+        }
+    }
+
+    /// What was probed.
+    pub fn info(&self) -> &KvmInfo {
+        &self.info
+    }
+
+    /// `kvm_pvm`, `kvm_intel`, `kvm_amd` or `kvm`.
+    pub fn flavour(&self) -> &'static str {
+        self.info.flavour
+    }
+
+    /// The host TSC rate used for conversions, kHz.
+    pub fn host_tsc_khz(&self) -> u32 {
+        self.info.host_tsc_khz
+    }
+
+    /// Run `f` on vCPU `vcpu`.
+    fn on<R>(&self, vcpu: usize, f: impl FnOnce(&VcpuFd) -> Result<R>) -> Result<R> {
         self.vcpus
-            .get(vcpu)
-            .map(|v| lock(v))
-            .ok_or(BackendError::NoSuchVcpu {
+            .with_vcpu(vcpu, f)
+            .unwrap_or(Err(BackendError::NoSuchVcpu {
                 vcpu,
-                count: self.vcpus.len(),
-            })
+                count: self.vcpus.count(),
+            }))
     }
 
     fn read_msr(v: &VcpuFd, index: u32) -> Result<u64> {
@@ -221,10 +305,10 @@ impl KvmBackend {
         let n = v
             .get_msrs(&mut msrs)
             .map_err(|e| ioctl_err("KVM_GET_MSRS", e))?;
-        if n != 1 {
-            return Err(BackendError::Unsupported { op: "KVM_GET_MSRS" });
+        match msrs.as_slice().first() {
+            Some(e) if n == 1 => Ok(e.data),
+            _ => Err(BackendError::Unsupported { op: "KVM_GET_MSRS" }),
         }
-        Ok(msrs.as_slice()[0].data)
     }
 
     /// Guest TSC now via the MSR, with the host TSC bracket around the read.
@@ -236,10 +320,10 @@ impl KvmBackend {
     }
 
     fn ratio(&self, v: &VcpuFd) -> (u64, u8) {
-        let khz = v.get_tsc_khz().unwrap_or(self.host_tsc_khz);
-        let frac = self.caps.tsc_scaling_frac_bits;
+        let khz = v.get_tsc_khz().unwrap_or(self.info.host_tsc_khz);
+        let frac = self.info.caps.tsc_scaling_frac_bits;
         (
-            math::effective_tsc_ratio(khz, self.host_tsc_khz, frac),
+            math::effective_tsc_ratio(khz, self.info.host_tsc_khz, frac),
             frac,
         )
     }
@@ -270,7 +354,7 @@ impl KvmBackend {
                 warn!(
                     "{}: vCPU {vcpu} TSC write ignored (guest TSC {got}, asked for ~{wanted}): \
                      this hypervisor does not honour TSC offsets",
-                    self.flavour
+                    self.info.flavour
                 );
             } else {
                 debug!("vCPU {vcpu}: TSC write verified");
@@ -279,50 +363,77 @@ impl KvmBackend {
         }
     }
 
+    /// `KVM_SET_MSRS(MSR_IA32_TSC)` on `v`, verified by reading it back.
+    fn write_tsc_msr(&self, v: &VcpuFd, vcpu: usize, value_ticks: u64) -> Result<()> {
+        let h_write = host::rdtsc();
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data: value_ticks,
+            ..Default::default()
+        }])
+        .map_err(|e| BackendError::InvalidArgument {
+            op: "KVM_SET_MSRS",
+            reason: format!("{e:?}"),
+        })?;
+        let n = v
+            .set_msrs(&msrs)
+            .map_err(|e| ioctl_err("KVM_SET_MSRS", e))?;
+        if n != 1 {
+            return Err(BackendError::Unsupported { op: "KVM_SET_MSRS" });
+        }
+        // The guest TSC should now be value + (time since the write).
+        let (ratio, frac) = self.ratio(v);
+        let (_, t, h1) = Self::guest_tsc_bracketed(v)?;
+        let elapsed = math::scale_tsc(h1.wrapping_sub(h_write), ratio, frac);
+        let within = t.wrapping_sub(value_ticks) <= elapsed.saturating_add(TSC_VERIFY_SLACK_TICKS);
+        self.record(vcpu, within, t, value_ticks);
+        Ok(())
+    }
+
     /// Actively probe whether TSC writes work: move vCPU 0's TSC by +1e9 ticks, read it back,
     /// put the original offset back. Run it on a paused VM before the guest depends on its TSC.
     pub fn probe_tsc_control(&self) -> Result<TscControl> {
-        let v = self.vcpu(0)?;
-        if self.caps.tsc_offset_attr {
-            let orig = get_tsc_offset(&v)?;
-            let (ratio, frac) = self.ratio(&v);
-            let (h0, before, _) = Self::guest_tsc_bracketed(&v)?;
-            let natural = math::guest_tsc_ticks(h0, ratio, frac, 0);
-            let probe = before.wrapping_sub(natural).wrapping_add(1_000_000_000);
-            set_tsc_offset(&v, probe)?;
-            self.verify_offset(&v, 0, probe)?;
-            set_tsc_offset(&v, orig)?;
-        } else {
-            let (_, t, _) = Self::guest_tsc_bracketed(&v)?;
-            drop(v);
-            // Beyond KVM's 1 s matching window, then back.
-            let khz = u64::from(self.host_tsc_khz);
-            self.set_tsc_msr(0, t.wrapping_add(3 * khz * 1000))?;
-            let v = self.vcpu(0)?;
-            let (_, t2, _) = Self::guest_tsc_bracketed(&v)?;
-            drop(v);
-            self.set_tsc_msr(0, t2.wrapping_sub(3 * khz * 1000))?;
-        }
+        let attr = self.info.caps.tsc_offset_attr;
+        // Beyond KVM's 1 s matching window, then back.
+        let jump = 3 * u64::from(self.info.host_tsc_khz) * 1000;
+        self.on(0, |v| {
+            if attr {
+                let orig = get_tsc_offset(v)?;
+                let (ratio, frac) = self.ratio(v);
+                let (h0, before, _) = Self::guest_tsc_bracketed(v)?;
+                let natural = math::guest_tsc_ticks(h0, ratio, frac, 0);
+                let probe = before.wrapping_sub(natural).wrapping_add(1_000_000_000);
+                set_tsc_offset(v, probe)?;
+                self.verify_offset(v, 0, probe)?;
+                set_tsc_offset(v, orig)
+            } else {
+                let (_, t, _) = Self::guest_tsc_bracketed(v)?;
+                self.write_tsc_msr(v, 0, t.wrapping_add(jump))?;
+                let (_, t2, _) = Self::guest_tsc_bracketed(v)?;
+                self.write_tsc_msr(v, 0, t2.wrapping_sub(jump))
+            }
+        })?;
         Ok(self.tsc_control())
     }
 }
 
-impl ClockBackend for KvmBackend {
+impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> Hypervisor for KvmBackend<M, V> {
     fn name(&self) -> &str {
-        self.flavour
+        self.info.flavour
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.caps
+        self.info.caps
     }
 
     fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        self.vcpus.count()
     }
 
     fn get_clock(&self) -> Result<ClockData> {
         let d = self
             .vm
+            .borrow()
             .get_clock()
             .map_err(|e| ioctl_err("KVM_GET_CLOCK", e))?;
         Ok(ClockData {
@@ -341,72 +452,51 @@ impl ClockBackend for KvmBackend {
             ..Default::default()
         };
         self.vm
+            .borrow()
             .set_clock(&d)
             .map_err(|e| ioctl_err("KVM_SET_CLOCK", e))
     }
 
     fn tsc_khz(&self, vcpu: usize) -> Result<u32> {
-        self.vcpu(vcpu)?
-            .get_tsc_khz()
-            .map_err(|e| ioctl_err("KVM_GET_TSC_KHZ", e))
+        self.on(vcpu, |v| {
+            v.get_tsc_khz().map_err(|e| ioctl_err("KVM_GET_TSC_KHZ", e))
+        })
     }
 
     fn set_tsc_khz(&self, vcpu: usize, khz: u32) -> Result<()> {
-        self.vcpu(vcpu)?
-            .set_tsc_khz(khz)
-            .map_err(|e| ioctl_err("KVM_SET_TSC_KHZ", e))
+        self.on(vcpu, |v| {
+            v.set_tsc_khz(khz)
+                .map_err(|e| ioctl_err("KVM_SET_TSC_KHZ", e))
+        })
     }
 
     fn tsc_offset(&self, vcpu: usize) -> Result<u64> {
-        if !self.caps.tsc_offset_attr {
+        if !self.info.caps.tsc_offset_attr {
             return Err(BackendError::Unsupported {
                 op: "KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)",
             });
         }
-        get_tsc_offset(&*self.vcpu(vcpu)?)
+        self.on(vcpu, get_tsc_offset)
     }
 
     fn set_tsc_offset(&self, vcpu: usize, offset_ticks: u64) -> Result<()> {
-        if !self.caps.tsc_offset_attr {
+        if !self.info.caps.tsc_offset_attr {
             return Err(BackendError::Unsupported {
                 op: "KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)",
             });
         }
-        let v = self.vcpu(vcpu)?;
-        set_tsc_offset(&v, offset_ticks)?;
-        self.verify_offset(&v, vcpu, offset_ticks)
+        self.on(vcpu, |v| {
+            set_tsc_offset(v, offset_ticks)?;
+            self.verify_offset(v, vcpu, offset_ticks)
+        })
     }
 
     fn tsc_msr(&self, vcpu: usize) -> Result<u64> {
-        Self::read_msr(&*self.vcpu(vcpu)?, MSR_IA32_TSC)
+        self.on(vcpu, |v| Self::read_msr(v, MSR_IA32_TSC))
     }
 
     fn set_tsc_msr(&self, vcpu: usize, value_ticks: u64) -> Result<()> {
-        let v = self.vcpu(vcpu)?;
-        let h_write = host::rdtsc();
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_TSC,
-            data: value_ticks,
-            ..Default::default()
-        }])
-        .map_err(|e| BackendError::InvalidArgument {
-            op: "KVM_SET_MSRS",
-            reason: format!("{e:?}"),
-        })?;
-        let n = v
-            .set_msrs(&msrs)
-            .map_err(|e| ioctl_err("KVM_SET_MSRS", e))?;
-        if n != 1 {
-            return Err(BackendError::Unsupported { op: "KVM_SET_MSRS" });
-        }
-        // The guest TSC should now be value + (time since the write).
-        let (ratio, frac) = self.ratio(&v);
-        let (_, t, h1) = Self::guest_tsc_bracketed(&v)?;
-        let elapsed = math::scale_tsc(h1.wrapping_sub(h_write), ratio, frac);
-        let lo = value_ticks;
-        let within = t.wrapping_sub(lo) <= elapsed.saturating_add(TSC_VERIFY_SLACK_TICKS);
-        self.record(vcpu, within, t, lo);
-        Ok(())
+        self.on(vcpu, |v| self.write_tsc_msr(v, vcpu, value_ticks))
     }
 
     fn tsc_control(&self) -> TscControl {
@@ -414,35 +504,24 @@ impl ClockBackend for KvmBackend {
     }
 
     fn kvmclock_ctrl(&self, vcpu: usize) -> Result<()> {
-        match self.vcpu(vcpu)?.kvmclock_ctrl() {
+        self.on(vcpu, |v| match v.kvmclock_ctrl() {
             Ok(()) => Ok(()),
             Err(e) if e.errno() == libc::EINVAL => Err(BackendError::KvmclockNotEnabled { vcpu }),
             Err(e) => Err(ioctl_err("KVM_KVMCLOCK_CTRL", e)),
-        }
+        })
     }
+}
 
-    fn pvclock(&self, vcpu: usize) -> Result<Option<PvclockTimeInfo>> {
-        if vcpu >= self.vcpus.len() {
-            return Err(BackendError::NoSuchVcpu {
-                vcpu,
-                count: self.vcpus.len(),
-            });
-        }
-        Ok(self.pvclock_reader.as_ref().and_then(|r| r(vcpu)))
-    }
-
+impl<M: Send + Sync, V: Send + Sync> HostFacts for KvmBackend<M, V> {
     fn host_realtime_ns(&self) -> u64 {
-        host::realtime_ns()
+        self.info.host.host_realtime_ns()
     }
 
     fn host_tsc_ticks(&self) -> u64 {
-        host::rdtsc()
+        self.info.host.host_tsc_ticks()
     }
 
     fn host_info(&self) -> Result<HostInfo> {
-        Ok(HostInfo {
-            identity: self.identity.clone(),
-            ntp: host::ntp_state()?,
-        })
+        self.info.host.host_info()
     }
 }

@@ -32,9 +32,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use guest_clock_format::{HostIdentity, NtpState};
 
 use super::{
-    BackendError, Capabilities, ClockBackend, ClockData, HostInfo, PvclockTimeInfo, Result,
-    TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE,
-    PVCLOCK_GUEST_STOPPED, PVCLOCK_TSC_STABLE_BIT,
+    BackendError, Capabilities, ClockData, HostFacts, HostInfo, Hypervisor, PvclockPages,
+    PvclockTimeInfo, Result, TscControl, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
+    KVM_CLOCK_TSC_STABLE, PVCLOCK_GUEST_STOPPED, PVCLOCK_TSC_STABLE_BIT,
 };
 use crate::math;
 
@@ -92,6 +92,9 @@ pub struct HostConfig {
     pub tsc_clocksource: bool,
     /// ns between KVM's master-clock snapshot and its realtime read in `KVM_SET_CLOCK`.
     pub realtime_read_gap_ns: u64,
+    /// Extra gap of the n-th `KVM_SET_CLOCK`, ns, cycling (`[n % len]`; empty: none): a host
+    /// where the gap jitters (preemption, a nested hypervisor's exits).
+    pub realtime_read_gap_jitter_ns: Vec<u64>,
 }
 
 /// Everything a modern Intel KVM reports.
@@ -131,6 +134,7 @@ impl HostConfig {
             ignore_tsc_writes: false,
             tsc_clocksource: true,
             realtime_read_gap_ns: 0,
+            realtime_read_gap_jitter_ns: Vec::new(),
         }
     }
 }
@@ -493,7 +497,7 @@ impl ModelVm {
     }
 }
 
-impl ClockBackend for ModelVm {
+impl Hypervisor for ModelVm {
     fn name(&self) -> &str {
         "model"
     }
@@ -557,6 +561,10 @@ impl ClockBackend for ModelVm {
             });
         }
         let mut g = lock(&self.inner);
+        let jitter = match cfg.realtime_read_gap_jitter_ns.len() {
+            0 => 0,
+            n => cfg.realtime_read_gap_jitter_ns[(g.counters.set_clock % n as u64) as usize],
+        };
         g.counters.set_clock += 1;
         // Master-clock snapshot first, then the realtime read (the gap lands kvmclock ahead).
         self.master_update(&mut g);
@@ -565,7 +573,8 @@ impl ClockBackend for ModelVm {
             let now_real = self
                 .host
                 .realtime_now()
-                .saturating_add(cfg.realtime_read_gap_ns);
+                .saturating_add(cfg.realtime_read_gap_ns)
+                .saturating_add(jitter);
             if now_real > data.realtime_ns {
                 clock = clock.saturating_add(now_real - data.realtime_ns);
             }
@@ -720,7 +729,9 @@ impl ClockBackend for ModelVm {
         g.st.vcpus[vcpu].stop_pending = true;
         Ok(())
     }
+}
 
+impl PvclockPages for ModelVm {
     fn pvclock(&self, vcpu: usize) -> Result<Option<PvclockTimeInfo>> {
         let g = lock(&self.inner);
         self.check(&g, vcpu)?;
@@ -754,7 +765,9 @@ impl ClockBackend for ModelVm {
             flags,
         }))
     }
+}
 
+impl HostFacts for ModelVm {
     fn host_realtime_ns(&self) -> u64 {
         self.host.realtime_now()
     }

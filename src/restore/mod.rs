@@ -10,8 +10,16 @@
 //! Setting kvmclock: `KVM_SET_CLOCK` with `KVM_CLOCK_REALTIME` from a reference reading `(h, r)`
 //! with `clock = E(h, r)`; the kernel adds the realtime that passed until its own read. It lands
 //! ahead by the gap between its master-clock snapshot and its realtime read (+0.4..0.8 µs measured
-//! on kvm_pvm), so the residual is measured right after with `KVM_GET_CLOCK` and corrected by
-//! further sets while that improves it.
+//! on kvm_pvm; jittery under a nested hypervisor), its *bias*. Each round measures the residual
+//! right after with `KVM_GET_CLOCK`, records the bias it implies (`residual + correction`), and
+//! sets again with the lower median of the biases seen so far as the correction, until the first
+//! round within [`RestoreOptions::residual_target_ns`] or [`RestoreOptions::max_correction_rounds`]
+//! rounds: one spike does not steer the estimate, and the bound is a count, not a time.
+//!
+//! [`restore`] runs the phases in order, each a function here: [`validate`] (a refusal leaves
+//! the VM untouched) → [`decide_mode`] → TSC rate → (live update: identical TSC offsets) →
+//! kvmclock with correction → (live migration: offsets from the kvmclock actually set) →
+//! read-back → uncertainty → signal.
 
 mod identity;
 mod types;
@@ -20,10 +28,12 @@ pub use identity::hex as vm_id_string;
 use identity::{hex, vm_id_mismatch};
 pub use types::*;
 
-use guest_clock_format::{CaptureKind, ClockState, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME};
+use guest_clock_format::{
+    CaptureKind, ClockState, NtpState, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
+};
 use log::{debug, info, warn};
 
-use crate::backend::{ClockBackend, ClockData, TscControl};
+use crate::backend::{Capabilities, ClockBackend, ClockData, TscControl};
 use crate::math::{self, Relation};
 use crate::signal::{signal_disruption, Signalled, VmclockMemory};
 
@@ -71,16 +81,19 @@ fn read_destination(backend: &dyn ClockBackend) -> Result<Reading, RestoreError>
 
 /// Decide the mode: live update when the destination is the same machine and its host TSC
 /// continued since the capture (kexec: boot_id changes, TSC continues — still a live update),
-/// else live migration. Returns the mode and the reason.
+/// else live migration.
 pub fn decide_mode(
     state: &ClockState,
     dest_machine_id_hash: u64,
     dest_realtime_ns: u64,
     dest_host_tsc_ticks: u64,
     opts: &RestoreOptions,
-) -> (RestoreMode, String) {
+) -> (RestoreMode, ModeReason) {
+    if let Some(m) = opts.mode {
+        return (m, ModeReason::Forced);
+    }
     if state.host.machine_id_hash != dest_machine_id_hash {
-        return (RestoreMode::LiveMigration, "different machine".into());
+        return (RestoreMode::LiveMigration, ModeReason::DifferentMachine);
     }
     match math::host_tsc_continuity(
         state.clock.host_tsc_ticks,
@@ -91,13 +104,10 @@ pub fn decide_mode(
         opts.continuity_tolerance_ppm,
         opts.continuity_floor_ns,
     ) {
-        Ok(()) => (
-            RestoreMode::LiveUpdate,
-            "same machine, host TSC continuous".into(),
-        ),
+        Ok(()) => (RestoreMode::LiveUpdate, ModeReason::HostTscContinuous),
         Err(why) => (
             RestoreMode::LiveMigration,
-            format!("same machine but {why}"),
+            ModeReason::HostTscDiscontinuous { why },
         ),
     }
 }
@@ -123,6 +133,19 @@ pub fn validate(
             ),
         ));
     }
+    validate_vcpus(backend, state)?;
+    let caps = backend.capabilities();
+    if caps.adjust_clock_flags == 0 {
+        return Err(RestoreError::refused(
+            "destination",
+            "KVM_CAP_ADJUST_CLOCK absent: kvmclock cannot be set",
+        ));
+    }
+    validate_rate(backend, state, caps)?;
+    validate_wallclock(backend, state, opts)
+}
+
+fn validate_vcpus(backend: &dyn ClockBackend, state: &ClockState) -> Result<(), RestoreError> {
     let n = backend.vcpu_count();
     if state.vcpus.len() != n {
         return Err(RestoreError::refused(
@@ -133,36 +156,49 @@ pub fn validate(
             ),
         ));
     }
-    for (i, v) in state.vcpus.iter().enumerate() {
-        if v.id as usize != i {
-            return Err(RestoreError::refused(
-                "vcpus.id",
-                format!("entry {i} is vCPU {}: ids must be 0..{n} in order", v.id),
-            ));
-        }
+    match state
+        .vcpus
+        .iter()
+        .enumerate()
+        .find(|(i, v)| v.id as usize != *i)
+    {
+        Some((i, v)) => Err(RestoreError::refused(
+            "vcpus.id",
+            format!("entry {i} is vCPU {}: ids must be 0..{n} in order", v.id),
+        )),
+        None => Ok(()),
     }
-    let caps = backend.capabilities();
-    if caps.adjust_clock_flags == 0 {
-        return Err(RestoreError::refused(
-            "destination",
-            "KVM_CAP_ADJUST_CLOCK absent: kvmclock cannot be set",
-        ));
-    }
+}
+
+fn validate_rate(
+    backend: &dyn ClockBackend,
+    state: &ClockState,
+    caps: Capabilities,
+) -> Result<(), RestoreError> {
     let want_khz = state.tsc.guest_tsc_khz;
     let have_khz = backend.tsc_khz(0)?;
-    if want_khz != have_khz && !caps.tsc_control {
-        let dest_host_khz = backend.host_info()?.identity.host_tsc_khz;
-        let diff = u64::from(want_khz.abs_diff(dest_host_khz));
-        if diff * 1_000_000 > u64::from(dest_host_khz) * KVM_TSC_TOLERANCE_PPM {
-            return Err(RestoreError::refused(
-                "tsc.guest_tsc_khz",
-                format!(
-                    "guest TSC runs at {want_khz} kHz; the destination runs vCPUs at {have_khz} kHz, \
-                     its host at {dest_host_khz} kHz, and has no TSC scaling (KVM_CAP_TSC_CONTROL)"
-                ),
-            ));
-        }
+    if want_khz == have_khz || caps.tsc_control {
+        return Ok(());
     }
+    let dest_host_khz = backend.host_info()?.identity.host_tsc_khz;
+    let diff = u64::from(want_khz.abs_diff(dest_host_khz));
+    if diff * 1_000_000 > u64::from(dest_host_khz) * KVM_TSC_TOLERANCE_PPM {
+        return Err(RestoreError::refused(
+            "tsc.guest_tsc_khz",
+            format!(
+                "guest TSC runs at {want_khz} kHz; the destination runs vCPUs at {have_khz} kHz, \
+                 its host at {dest_host_khz} kHz, and has no TSC scaling (KVM_CAP_TSC_CONTROL)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_wallclock(
+    backend: &dyn ClockBackend,
+    state: &ClockState,
+    opts: &RestoreOptions,
+) -> Result<(), RestoreError> {
     let now = backend.host_realtime_ns();
     let w = state.clock.realtime_ns;
     if w > now.saturating_add(opts.max_future_ns) {
@@ -188,11 +224,239 @@ pub fn validate(
     Ok(())
 }
 
+/// The TSC rate the guest runs at on the destination and the ratio KVM applies.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    ratio: u64,
+    frac_bits: u8,
+}
+
+/// Set every vCPU's TSC rate to the guest's (offsets and ratios depend on it).
+fn set_rate(
+    backend: &dyn ClockBackend,
+    state: &ClockState,
+    dest_host_khz: u32,
+) -> Result<Rate, RestoreError> {
+    let want_khz = state.tsc.guest_tsc_khz;
+    for vcpu in 0..backend.vcpu_count() {
+        if backend.tsc_khz(vcpu)? != want_khz {
+            backend.set_tsc_khz(vcpu, want_khz)?;
+        }
+    }
+    let frac_bits = backend.capabilities().tsc_scaling_frac_bits;
+    Ok(Rate {
+        ratio: math::effective_tsc_ratio(want_khz, dest_host_khz, frac_bits),
+        frac_bits,
+    })
+}
+
+/// The relationship to restore, as a function of a destination reading.
+fn relation_for(
+    state: &ClockState,
+    mode: RestoreMode,
+    first: &Reading,
+    opts: &RestoreOptions,
+    warnings: &mut Vec<RestoreWarning>,
+) -> Relation {
+    match mode {
+        RestoreMode::LiveUpdate => Relation::live_update(state),
+        RestoreMode::LiveMigration => {
+            let rel =
+                Relation::live_migration(state, opts.inject_wallclock_skew_ns, first.realtime_ns);
+            if rel.clamped_ns > 0 {
+                warnings.push(RestoreWarning::WallclockClamped {
+                    behind_ns: rel.clamped_ns,
+                });
+            }
+            rel
+        }
+    }
+}
+
+/// What setting kvmclock did.
+#[derive(Debug, Clone, Copy)]
+struct KvmclockSet {
+    calls: u32,
+    bias_ns: i64,
+    residual_ns: i64,
+}
+
+/// The lower median: the middle element, or the lower of the two middle ones (a bias only grows
+/// with delays, so a spike is upward: the lower one is the safer estimate).
+fn lower_median(values: &[i64]) -> i64 {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0)
+}
+
+/// `KVM_SET_CLOCK` asking for `relation` at `reading` less `correction_ns`.
+fn clock_data(
+    backend: &dyn ClockBackend,
+    relation: &Relation,
+    reading: &Reading,
+    correction_ns: i64,
+    use_realtime: bool,
+) -> ClockData {
+    if use_realtime {
+        let target = relation.kvmclock_at(reading.host_tsc_ticks, reading.realtime_ns);
+        ClockData {
+            clock_ns: math::add_signed(target, -correction_ns),
+            flags: KVM_CLOCK_REALTIME,
+            realtime_ns: reading.realtime_ns,
+            host_tsc_ticks: 0,
+        }
+    } else {
+        // No kernel realtime path: the reading must be as fresh as possible.
+        let h = backend.host_tsc_ticks();
+        let r = backend.host_realtime_ns();
+        ClockData {
+            clock_ns: math::add_signed(relation.kvmclock_at(h, r), -correction_ns),
+            flags: 0,
+            realtime_ns: 0,
+            host_tsc_ticks: 0,
+        }
+    }
+}
+
+/// Set kvmclock to `relation`, correcting the kernel's landing bias over bounded rounds.
+fn set_kvmclock(
+    backend: &dyn ClockBackend,
+    relation: &Relation,
+    first: Reading,
+    opts: &RestoreOptions,
+) -> Result<KvmclockSet, RestoreError> {
+    let use_realtime = backend.capabilities().adjust_clock_flags & KVM_CLOCK_REALTIME != 0;
+    let max_calls = if opts.correct_residual {
+        opts.max_correction_rounds.saturating_add(1)
+    } else {
+        1
+    };
+    let mut biases: Vec<i64> = Vec::new();
+    let mut correction_ns: i64 = 0;
+    let mut reading = first;
+    let mut calls = 0u32;
+    loop {
+        backend.set_clock(&clock_data(
+            backend,
+            relation,
+            &reading,
+            correction_ns,
+            use_realtime,
+        ))?;
+        calls += 1;
+        reading = read_destination(backend)?;
+        let residual_ns = relation.residual_ns(&reading.as_tuple());
+        // Asked for target − correction, landed at target + residual: the kernel's bias.
+        biases.push(residual_ns.saturating_add(correction_ns));
+        debug!("SET_CLOCK #{calls}: residual {residual_ns} ns (correction {correction_ns} ns)");
+        if residual_ns.unsigned_abs() <= opts.residual_target_ns || calls >= max_calls {
+            return Ok(KvmclockSet {
+                calls,
+                bias_ns: lower_median(&biases),
+                residual_ns,
+            });
+        }
+        correction_ns = lower_median(&biases);
+    }
+}
+
+/// What the read-back found.
+#[derive(Debug, Clone, Copy)]
+struct ReadBack {
+    fin: Reading,
+    kvmclock_error_ns: i64,
+    tsc_error_ticks: i64,
+    vcpu_skew_ticks: u64,
+}
+
+fn read_back(
+    backend: &dyn ClockBackend,
+    state: &ClockState,
+    relation: &Relation,
+    rate: Rate,
+) -> Result<ReadBack, RestoreError> {
+    let fin = read_destination(backend)?;
+    let kvmclock_error_ns = relation.residual_ns(&fin.as_tuple());
+    let (tsc_error_ticks, vcpu_skew_ticks) = tsc_errors(backend, state, relation, &fin, rate)?;
+    Ok(ReadBack {
+        fin,
+        kvmclock_error_ns,
+        tsc_error_ticks,
+        vcpu_skew_ticks,
+    })
+}
+
+/// How far the restored clock may be from true time beyond the residual, ns.
+fn uncertainty_ns(
+    state: &ClockState,
+    mode: RestoreMode,
+    fin: &Reading,
+    dest_ntp: &NtpState,
+) -> u64 {
+    let capture_unc = match state.capture_kind {
+        CaptureKind::KvmClockData => 0,
+        _ => state.capture_uncertainty_ns,
+    };
+    let base = capture_unc.saturating_add(fin.bracket_ns);
+    match mode {
+        // The relation converts host ticks with tsc_khz, rounded to 1 kHz: up to 0.5 kHz of
+        // rate error, i.e. elapsed · 0.5 / khz (≈ 0.2 ppm at 2.6 GHz).
+        RestoreMode::LiveUpdate => {
+            let elapsed = fin
+                .host_tsc_ticks
+                .saturating_sub(state.clock.host_tsc_ticks);
+            let khz = u64::from(state.host.host_tsc_khz.max(1));
+            base.saturating_add(
+                math::ticks_to_ns_round(elapsed, state.host.host_tsc_khz) / (2 * khz),
+            )
+        }
+        RestoreMode::LiveMigration => {
+            let us_to_ns = |us: i64| (us.max(0) as u64).saturating_mul(1000);
+            base.saturating_add(us_to_ns(state.ntp.maxerror_us))
+                .saturating_add(us_to_ns(dest_ntp.maxerror_us))
+        }
+    }
+}
+
+/// The warnings a finished restore carries, in a fixed order.
+fn late_warnings(
+    backend: &dyn ClockBackend,
+    state: &ClockState,
+    opts: &RestoreOptions,
+    set: &KvmclockSet,
+    fin: &Reading,
+    warnings: &mut Vec<RestoreWarning>,
+) {
+    if set.residual_ns.unsigned_abs() > opts.residual_target_ns && opts.correct_residual {
+        warnings.push(RestoreWarning::CorrectionExhausted {
+            residual_ns: set.residual_ns,
+            rounds: set.calls.saturating_sub(1),
+            target_ns: opts.residual_target_ns,
+        });
+    }
+    if backend.tsc_control() == TscControl::Ignored {
+        warnings.push(RestoreWarning::TscWritesIgnored {
+            backend: backend.name().to_string(),
+        });
+    }
+    if fin.bracket_ns > 0 {
+        warnings.push(RestoreWarning::BracketedReadBack {
+            half_width_ns: fin.bracket_ns,
+        });
+    }
+    if state.capture_kind == CaptureKind::UserspaceBracket {
+        warnings.push(RestoreWarning::SourceBracketed {
+            uncertainty_ns: state.capture_uncertainty_ns,
+        });
+    }
+}
+
 /// Restore the clocks of a freshly created (or paused) VM from `state`.
 ///
-/// Steps: validate (refusal leaves the VM untouched) → decide the mode → TSC rate → (live
-/// update: identical offsets) → kvmclock with residual correction → (live migration: offsets
-/// from the kvmclock actually set) → read back → signal when not an exact live update.
+/// Phases: [`validate`] (a refusal leaves the VM untouched) → [`decide_mode`] → TSC rate →
+/// (live update: identical offsets) → kvmclock with bias correction → (live migration: offsets
+/// from the kvmclock actually set) → read back → uncertainty → signal when not an exact live
+/// update.
 pub fn restore(
     backend: &dyn ClockBackend,
     state: &ClockState,
@@ -205,180 +469,59 @@ pub fn restore(
     let mut warnings = Vec::new();
     let foreign = vm_id_mismatch(state, opts);
     if foreign {
-        warnings.push(format!(
-            "the section belongs to VM {}, not to this VM: restored as a live migration, guest signalled",
-            hex(&state.vm_id)
-        ));
+        warnings.push(RestoreWarning::ForeignVmSection {
+            vm_id: hex(&state.vm_id),
+        });
     } else if opts.expected_vm_id.is_some() && !state.has_vm_id() {
-        warnings.push(
-            "the section names no VM (v1/v2 section): its VM identity was not checked".into(),
-        );
+        warnings.push(RestoreWarning::VmIdUnchecked);
     }
-    let (mode, mode_auto) = match opts.mode {
-        _ if foreign => (RestoreMode::LiveMigration, false),
-        Some(m) => (m, false),
-        None => {
-            let (m, why) = decide_mode(
-                state,
-                dest_host.identity.machine_id_hash,
-                first.realtime_ns,
-                first.host_tsc_ticks,
-                opts,
-            );
-            info!("restore mode {m}: {why}");
-            (m, true)
-        }
+    let (mode, mode_reason) = if foreign {
+        (RestoreMode::LiveMigration, ModeReason::ForeignVm)
+    } else {
+        decide_mode(
+            state,
+            dest_host.identity.machine_id_hash,
+            first.realtime_ns,
+            first.host_tsc_ticks,
+            opts,
+        )
     };
-    let caps = backend.capabilities();
-    let n = backend.vcpu_count();
-
-    // The relationship to restore, as a function of a destination reading.
-    let relation = match mode {
-        RestoreMode::LiveUpdate => Relation::live_update(state),
-        RestoreMode::LiveMigration => {
-            let rel =
-                Relation::live_migration(state, opts.inject_wallclock_skew_ns, first.realtime_ns);
-            if rel.clamped_ns > 0 {
-                warnings.push(format!(
-                    "destination wallclock is {} ns behind the capture: kvmclock resumes at K \
-                     instead of stepping back",
-                    rel.clamped_ns
-                ));
-            }
-            rel
-        }
-    };
-
-    // TSC rate first: offsets and ratios depend on it.
-    let want_khz = state.tsc.guest_tsc_khz;
-    for vcpu in 0..n {
-        if backend.tsc_khz(vcpu)? != want_khz {
-            backend.set_tsc_khz(vcpu, want_khz)?;
-        }
-    }
-    let dest_host_khz = dest_host.identity.host_tsc_khz;
-    let frac_bits = caps.tsc_scaling_frac_bits;
-    let ratio = math::effective_tsc_ratio(want_khz, dest_host_khz, frac_bits);
-
+    info!("restore mode {mode}: {mode_reason}");
+    let relation = relation_for(state, mode, &first, opts, &mut warnings);
+    let rate = set_rate(backend, state, dest_host.identity.host_tsc_khz)?;
     if mode == RestoreMode::LiveUpdate {
         let offsets: Vec<u64> = state.vcpus.iter().map(|v| v.tsc_offset_ticks).collect();
-        apply_tsc(backend, &offsets, ratio, frac_bits)?;
+        apply_tsc(backend, &offsets, rate)?;
     }
-
-    // kvmclock, with residual correction.
-    let use_realtime = caps.adjust_clock_flags & KVM_CLOCK_REALTIME != 0;
-    let mut correction_ns: i64 = 0;
-    let mut best: Option<i64> = None;
-    let mut calls = 0u32;
-    let mut reading = first;
-    loop {
-        let target = relation.kvmclock_at(reading.host_tsc_ticks, reading.realtime_ns);
-        let clock_ns = math::add_signed(target, -correction_ns);
-        let data = if use_realtime {
-            ClockData {
-                clock_ns,
-                flags: KVM_CLOCK_REALTIME,
-                realtime_ns: reading.realtime_ns,
-                host_tsc_ticks: 0,
-            }
-        } else {
-            // No kernel realtime path: the reading must be as fresh as possible.
-            let h = backend.host_tsc_ticks();
-            let r = backend.host_realtime_ns();
-            ClockData {
-                clock_ns: math::add_signed(relation.kvmclock_at(h, r), -correction_ns),
-                flags: 0,
-                realtime_ns: 0,
-                host_tsc_ticks: 0,
-            }
-        };
-        backend.set_clock(&data)?;
-        calls += 1;
-        reading = read_destination(backend)?;
-        let residual = relation.residual_ns(&reading.as_tuple());
-        debug!("SET_CLOCK #{calls}: residual {residual} ns (correction {correction_ns} ns)");
-        let improved = best.is_none_or(|b| residual.unsigned_abs() < b.unsigned_abs());
-        if improved {
-            best = Some(residual);
-        }
-        if !opts.correct_residual
-            || residual.unsigned_abs() <= opts.residual_target_ns
-            || calls > opts.max_correction_rounds
-            || !improved
-        {
-            break;
-        }
-        correction_ns = correction_ns.saturating_add(residual);
-    }
-
+    let set = set_kvmclock(backend, &relation, first, opts)?;
     if mode == RestoreMode::LiveMigration {
         let r = read_destination(backend)?;
-        let offsets =
-            math::migration_tsc_offsets(state, r.clock_ns, r.host_tsc_ticks, ratio, frac_bits);
-        apply_tsc(backend, &offsets, ratio, frac_bits)?;
+        let offsets = math::migration_tsc_offsets(
+            state,
+            r.clock_ns,
+            r.host_tsc_ticks,
+            rate.ratio,
+            rate.frac_bits,
+        );
+        apply_tsc(backend, &offsets, rate)?;
     }
-    if backend.tsc_control() == TscControl::Ignored {
-        warnings.push(format!(
-            "{}: TSC offset/MSR writes are ignored by this hypervisor; the guest TSC follows the \
-             host TSC",
-            backend.name()
-        ));
-    }
+    let rb = read_back(backend, state, &relation, rate)?;
+    late_warnings(backend, state, opts, &set, &rb.fin, &mut warnings);
+    let uncertainty_ns = uncertainty_ns(state, mode, &rb.fin, &dest_host.ntp);
 
-    // Read back.
-    let fin = read_destination(backend)?;
-    let kvmclock_error_ns = relation.residual_ns(&fin.as_tuple());
-    let (tsc_error_ticks, vcpu_skew_ticks) =
-        tsc_errors(backend, state, &relation, &fin, ratio, frac_bits)?;
-    if fin.bracket_ns > 0 {
-        warnings.push(format!(
-            "KVM_GET_CLOCK lacks REALTIME|HOST_TSC on the destination: read-back bracketed ±{} ns",
-            fin.bracket_ns
-        ));
-    }
-    if state.capture_kind == CaptureKind::UserspaceBracket {
-        warnings.push("the source captured with a userspace bracket (old kernel)".into());
-    }
-
-    let capture_unc = match (state.capture_kind, state.capture_uncertainty_ns) {
-        (CaptureKind::KvmClockData, _) => 0,
-        (_, u) => u,
-    };
-    let uncertainty_ns = match mode {
-        // The relation converts host ticks with tsc_khz, rounded to 1 kHz: up to 0.5 kHz of
-        // rate error, i.e. elapsed · 0.5 / khz (≈ 0.2 ppm at 2.6 GHz).
-        RestoreMode::LiveUpdate => {
-            let elapsed = fin
-                .host_tsc_ticks
-                .saturating_sub(state.clock.host_tsc_ticks);
-            let khz = u64::from(state.host.host_tsc_khz.max(1));
-            let rate_ns = math::ticks_to_ns_round(elapsed, state.host.host_tsc_khz) / (2 * khz);
-            capture_unc
-                .saturating_add(fin.bracket_ns)
-                .saturating_add(rate_ns)
-        }
-        RestoreMode::LiveMigration => {
-            let us_to_ns = |us: i64| (us.max(0) as u64).saturating_mul(1000);
-            capture_unc
-                .saturating_add(fin.bracket_ns)
-                .saturating_add(us_to_ns(state.ntp.maxerror_us))
-                .saturating_add(us_to_ns(dest_host.ntp.maxerror_us))
-        }
-    };
-
-    let exact = kvmclock_error_ns.unsigned_abs() <= LIVE_UPDATE_EXACT_NS;
-    let must_signal = mode == RestoreMode::LiveMigration || !exact || opts.always_signal;
+    let exact = rb.kvmclock_error_ns.unsigned_abs() <= LIVE_UPDATE_EXACT_NS;
     if mode == RestoreMode::LiveUpdate && !exact {
-        warnings.push(format!(
-            "live update not exact: kvmclock residual {kvmclock_error_ns} ns > {LIVE_UPDATE_EXACT_NS} ns; guest signalled"
-        ));
+        warnings.push(RestoreWarning::LiveUpdateNotExact {
+            residual_ns: rb.kvmclock_error_ns,
+            threshold_ns: LIVE_UPDATE_EXACT_NS,
+        });
     }
-    let signalled = if must_signal {
+    let signalled = if mode == RestoreMode::LiveMigration || !exact || opts.always_signal {
         signal_disruption(
             backend,
             vmclock,
             state.vmclock_disruption_marker,
-            uncertainty_ns.saturating_add(kvmclock_error_ns.unsigned_abs()),
+            uncertainty_ns.saturating_add(rb.kvmclock_error_ns.unsigned_abs()),
         )?
     } else {
         Signalled::default()
@@ -388,23 +531,27 @@ pub fn restore(
     }
     let report = RestoreReport {
         mode,
-        mode_auto,
-        kvmclock_error_ns,
-        tsc_error_ticks,
-        vcpu_skew_ticks,
+        mode_auto: !matches!(mode_reason, ModeReason::Forced | ModeReason::ForeignVm),
+        mode_reason,
+        kvmclock_error_ns: rb.kvmclock_error_ns,
+        tsc_error_ticks: rb.tsc_error_ticks,
+        vcpu_skew_ticks: rb.vcpu_skew_ticks,
         uncertainty_ns,
-        set_clock_calls: calls,
+        set_clock_calls: set.calls,
+        correction_rounds: set.calls.saturating_sub(1),
+        set_clock_bias_ns: set.bias_ns,
         signalled,
         warnings,
     };
     info!(
         "restored clocks ({mode}): kvmclock residual {} ns, TSC error {} ticks, skew {} ticks, \
-         uncertainty {} ns, {} SET_CLOCK",
+         uncertainty {} ns, {} SET_CLOCK (bias {} ns)",
         report.kvmclock_error_ns,
         report.tsc_error_ticks,
         report.vcpu_skew_ticks,
         report.uncertainty_ns,
-        calls
+        report.set_clock_calls,
+        report.set_clock_bias_ns
     );
     Ok(report)
 }
@@ -422,12 +569,8 @@ impl Reading {
 /// Set every vCPU's TSC to `offsets[n]`: by the offset attribute when present (exact, no
 /// heuristics), else by `MSR_IA32_TSC` with the value the offset gives at the host TSC of the
 /// write (subject to KVM's ±1 s matching, which keeps in-sync vCPUs in one generation).
-fn apply_tsc(
-    backend: &dyn ClockBackend,
-    offsets: &[u64],
-    ratio: u64,
-    frac_bits: u8,
-) -> Result<(), RestoreError> {
+fn apply_tsc(backend: &dyn ClockBackend, offsets: &[u64], rate: Rate) -> Result<(), RestoreError> {
+    let Rate { ratio, frac_bits } = rate;
     let attr = backend.capabilities().tsc_offset_attr;
     for (vcpu, &offset) in offsets.iter().enumerate() {
         if attr {
@@ -448,9 +591,9 @@ fn tsc_errors(
     state: &ClockState,
     relation: &Relation,
     fin: &Reading,
-    ratio: u64,
-    frac_bits: u8,
+    rate: Rate,
 ) -> Result<(i64, u64), RestoreError> {
+    let Rate { ratio, frac_bits } = rate;
     let attr = backend.capabilities().tsc_offset_attr;
     let expected_k = relation.kvmclock_at(fin.host_tsc_ticks, fin.realtime_ns);
     let khz = state.tsc.guest_tsc_khz;

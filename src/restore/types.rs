@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendError;
+use crate::math::TscDiscontinuity;
 use crate::signal::Signalled;
 
 /// How the receiver restores the clocks.
@@ -56,12 +57,14 @@ pub struct RestoreOptions {
     pub continuity_tolerance_ppm: u64,
     /// See `continuity_tolerance_ppm`. Default 1 ms.
     pub continuity_floor_ns: u64,
-    /// Measure kvmclock right after setting it and correct KVM's landing error with further
-    /// `KVM_SET_CLOCK`s while that improves the result. Default true.
+    /// Measure kvmclock right after setting it and correct KVM's landing error (its bias) with
+    /// further `KVM_SET_CLOCK`s. Default true.
     pub correct_residual: bool,
-    /// A residual at or below this is good enough, ns. Default 20.
+    /// A residual at or below this is good enough: the correction stops at the first round
+    /// within it, ns. Default 20.
     pub residual_target_ns: u64,
-    /// Correction rounds after the first set, at most. Default 3.
+    /// Correction rounds after the first set, at most (a count, never a time: the result must
+    /// not depend on the machine's speed). Default 8.
     pub max_correction_rounds: u32,
     /// Pretend the destination's wallclock is this far ahead of the source's (ns; negative:
     /// behind). For demos, tests and benchmarks on one machine; 0 in production.
@@ -86,7 +89,7 @@ impl Default for RestoreOptions {
             continuity_floor_ns: 1_000_000,
             correct_residual: true,
             residual_target_ns: 20,
-            max_correction_rounds: 3,
+            max_correction_rounds: 8,
             inject_wallclock_skew_ns: 0,
             always_signal: false,
             expected_vm_id: None,
@@ -102,6 +105,8 @@ pub struct RestoreReport {
     pub mode: RestoreMode,
     /// Whether the mode was decided automatically (false: forced by the caller).
     pub mode_auto: bool,
+    /// Why this mode.
+    pub mode_reason: ModeReason,
     /// kvmclock read back minus the kvmclock the preserved relationship asks for, ns.
     pub kvmclock_error_ns: i64,
     /// Largest |guest TSC − expected guest TSC| over the vCPUs, read back, guest ticks (signed:
@@ -112,12 +117,130 @@ pub struct RestoreReport {
     /// How far the restored clock may be from true time beyond the residual, ns: capture
     /// uncertainty, plus both hosts' NTP maxerror on a migration. `u64::MAX` when unknown.
     pub uncertainty_ns: u64,
-    /// `KVM_SET_CLOCK` calls made (1 + corrections).
+    /// `KVM_SET_CLOCK` calls made (1 + correction rounds).
     pub set_clock_calls: u32,
+    /// Correction rounds used after the first `KVM_SET_CLOCK`.
+    pub correction_rounds: u32,
+    /// `KVM_SET_CLOCK`'s landing bias as estimated over the rounds (the lower median of the
+    /// observed biases), ns; positive: the kernel lands kvmclock ahead of what was asked.
+    pub set_clock_bias_ns: i64,
     /// What was signalled to the guest.
     pub signalled: Signalled,
     /// Things the caller should know (TSC writes ignored, clamped clock, fallbacks used...).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<RestoreWarning>,
+}
+
+/// Why a restore used its mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ModeReason {
+    /// `RestoreOptions::mode` forced it.
+    Forced,
+    /// The destination is another machine (machine-id differs): live migration.
+    DifferentMachine,
+    /// Same machine and its host TSC continued since the capture (a VMM restart, or a kexec):
+    /// live update.
+    HostTscContinuous,
+    /// Same machine, but its host TSC did not continue (reboot, stepped clock): live migration.
+    HostTscDiscontinuous {
+        /// What was seen.
+        why: TscDiscontinuity,
+    },
+    /// The section belongs to another VM (`vm_id` differs) and the caller asked for such a
+    /// section to be restored as a signalled live migration rather than refused.
+    ForeignVm,
+}
+
+impl std::fmt::Display for ModeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModeReason::Forced => f.write_str("forced by the caller"),
+            ModeReason::DifferentMachine => f.write_str("different machine"),
+            ModeReason::HostTscContinuous => f.write_str("same machine, host TSC continuous"),
+            ModeReason::HostTscDiscontinuous { why } => write!(f, "same machine but {why}"),
+            ModeReason::ForeignVm => f.write_str("the section belongs to another VM"),
+        }
+    }
+}
+
+/// Something a VMM should know about a restore that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum RestoreWarning {
+    /// Live migration: the destination's wallclock was behind the capture's W; kvmclock resumes
+    /// at K instead of stepping back.
+    #[error(
+        "destination wallclock is {behind_ns} ns behind the capture: kvmclock resumes at K \
+         instead of stepping back"
+    )]
+    WallclockClamped {
+        /// How far behind, ns.
+        behind_ns: u64,
+    },
+    /// The hypervisor accepts TSC offset/MSR writes and ignores them (kvm_pvm): the guest TSC
+    /// follows the host TSC.
+    #[error(
+        "{backend}: TSC offset/MSR writes are ignored by this hypervisor; the guest TSC follows \
+         the host TSC"
+    )]
+    TscWritesIgnored {
+        /// The backend's name.
+        backend: String,
+    },
+    /// `KVM_GET_CLOCK` on the destination lacks REALTIME|HOST_TSC: the read-back was bracketed
+    /// by userspace reads.
+    #[error(
+        "KVM_GET_CLOCK lacks REALTIME|HOST_TSC on the destination: read-back bracketed \
+         ±{half_width_ns} ns"
+    )]
+    BracketedReadBack {
+        /// Half-width of the bracket, ns.
+        half_width_ns: u64,
+    },
+    /// The source captured with a userspace bracket (an old kernel).
+    #[error("the source captured with a userspace bracket (old kernel), ±{uncertainty_ns} ns")]
+    SourceBracketed {
+        /// The capture's uncertainty, ns.
+        uncertainty_ns: u64,
+    },
+    /// The correction used every round without reaching its target.
+    #[error(
+        "kvmclock residual {residual_ns} ns after {rounds} correction rounds (target \
+         {target_ns} ns)"
+    )]
+    CorrectionExhausted {
+        /// The residual left, ns.
+        residual_ns: i64,
+        /// Rounds used.
+        rounds: u32,
+        /// The target, ns.
+        target_ns: u64,
+    },
+    /// A live update whose kvmclock residual exceeds the exactness threshold; the guest was
+    /// signalled as after a migration.
+    #[error(
+        "live update not exact: kvmclock residual {residual_ns} ns > {threshold_ns} ns; guest \
+         signalled"
+    )]
+    LiveUpdateNotExact {
+        /// The residual, ns.
+        residual_ns: i64,
+        /// [`super::LIVE_UPDATE_EXACT_NS`].
+        threshold_ns: u64,
+    },
+    /// The section's `vm_id` is not the VM's being restored; restored as a live migration with
+    /// the guest signalled (`VmIdMismatch::RestoreAsMigration`).
+    #[error(
+        "the section belongs to VM {vm_id}, not to this VM: restored as a live migration, guest \
+         signalled"
+    )]
+    ForeignVmSection {
+        /// The section's VM identity, hex.
+        vm_id: String,
+    },
+    /// The caller named the VM but the section (v1/v2) carries no identity: not checked.
+    #[error("the section names no VM (v1/v2 section): its VM identity was not checked")]
+    VmIdUnchecked,
 }
 
 /// Why a restore was refused or failed.
@@ -134,9 +257,6 @@ pub enum RestoreError {
     /// A hypervisor operation failed after the VM was modified.
     #[error("restore failed: {0}")]
     Backend(#[from] BackendError),
-    /// The plan could not be computed.
-    #[error("restore plan: {0}")]
-    Plan(String),
 }
 
 impl RestoreError {

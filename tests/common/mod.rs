@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use guest_clock::backend::kvm::KvmBackend;
+use guest_clock::backend::kvm::{KvmBackend, KvmInfo, VcpuFds};
 use guest_clock::backend::PvclockTimeInfo;
 use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -79,8 +79,9 @@ impl TestVm {
             self.run_once(n);
         }
     }
-    pub fn backend(&self) -> KvmBackend {
-        KvmBackend::new(self.vm.clone(), self.vcpus.clone()).expect("backend")
+    pub fn backend(&self) -> KvmBackend<Arc<VmFd>, Locked> {
+        let info = KvmInfo::probe(&self.vm, &self.vcpus[0].lock().unwrap()).expect("probe");
+        KvmBackend::with_info(self.vm.clone(), Locked(self.vcpus.clone()), info)
     }
     pub fn enable_kvmclock(&self, vcpu: usize) {
         let gpa = PVCLOCK_GPA + 32 * vcpu as u64;
@@ -101,12 +102,23 @@ impl TestVm {
     }
 }
 
+/// This test VMM keeps each vCPU fd behind its own mutex (locked around KVM_RUN by its runner);
+/// the backend reaches them through `VcpuFds`, one lock for the duration of one ioctl.
+pub struct Locked(Vec<Arc<Mutex<VcpuFd>>>);
+
+impl VcpuFds for Locked {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.0.get(index).map(|v| f(&v.lock().unwrap()))
+    }
+}
+
 impl TestVm {
-    /// The backend with a pvclock reader over this VM's guest memory.
-    pub fn backend_with_pvclock(&self) -> KvmBackend {
-        let mem = self.mem.clone();
-        self.backend()
-            .with_pvclock_reader(Box::new(move |n| read_pvclock(&mem, n)))
+    /// The pvclock structure of `vcpu` in this VM's guest memory.
+    pub fn pvclock(&self, vcpu: usize) -> Option<PvclockTimeInfo> {
+        read_pvclock(&self.mem, vcpu)
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
-use guest_clock::backend::{ClockBackend, TscControl, KVM_CLOCK_HOST_TSC};
+use guest_clock::backend::{ClockBackend, Hypervisor, TscControl, KVM_CLOCK_HOST_TSC};
 use guest_clock::capture::capture;
 use guest_clock::format::encode;
 use guest_clock::math;
@@ -271,7 +271,7 @@ fn kvm_once(
     let h_paused = guest_clock::backend::host::rdtsc();
     let mut worst = 0i64;
     for o in &obs.vcpus {
-        let p = sb
+        let p = src
             .pvclock(o.vcpu)
             .map_err(|e| e.to_string())?
             .ok_or("source pvclock unreadable")?;

@@ -19,8 +19,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_clock::backend::kvm::KvmBackend;
-use guest_clock::backend::{BackendError, ClockBackend};
+use guest_clock::backend::kvm::{KvmBackend, KvmInfo, VcpuFds};
+use guest_clock::backend::{BackendError, ClockBackend, HostFacts, PvclockPages, PvclockTimeInfo};
 use guest_clock::math;
 use guest_clock::signal::{HostVmclockMemory, VmclockMemory};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -139,12 +139,28 @@ impl VmclockMemory for GuestVmclock {
     }
 }
 
+/// clockvmm's vCPU fds: each behind its own mutex, which its vCPU thread holds around KVM_RUN.
+/// The plugin's backend takes one for the duration of one ioctl (the vCPUs are paused then).
+pub struct LockedVcpus(Vec<Arc<Mutex<VcpuFd>>>);
+
+impl VcpuFds for LockedVcpus {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Option<R> {
+        self.0.get(index).map(|v| f(&lock(v)))
+    }
+}
+
+/// The plugin's KVM backend as clockvmm builds it.
+pub type ClockvmmKvm = KvmBackend<Arc<VmFd>, LockedVcpus>;
+
 enum Engine {
     Kvm {
         _vm: Arc<VmFd>,
         vcpus: Vec<Arc<Mutex<VcpuFd>>>,
         mem: GuestMemoryMmap,
-        kvm: Arc<KvmBackend>,
+        kvm: Arc<ClockvmmKvm>,
     },
     Model {
         model: Arc<RealTimeModel>,
@@ -230,7 +246,7 @@ impl Vm {
         }
     }
 
-    fn create_kvm(cfg: &VmConfig) -> Result<(Engine, Arc<KvmBackend>), String> {
+    fn create_kvm(cfg: &VmConfig) -> Result<(Engine, Arc<ClockvmmKvm>), String> {
         let kvm = Kvm::new().map_err(|e| format!("no usable /dev/kvm ({e})"))?;
         let vm = kvm
             .create_vm()
@@ -262,11 +278,13 @@ impl Vm {
             vcpus.push(Arc::new(Mutex::new(v)));
         }
         let vm = Arc::new(vm);
-        let reader_mem = mem.clone();
-        let backend = KvmBackend::new(vm.clone(), vcpus.clone())
-            .map_err(|e| format!("KVM backend: {e}"))?
-            .with_pvclock_reader(Box::new(move |n| read_pvclock(&reader_mem, n)));
-        let backend = Arc::new(backend);
+        let first = vcpus.first().ok_or("no vCPUs")?;
+        let info = KvmInfo::probe(&vm, &lock(first)).map_err(|e| format!("KVM backend: {e}"))?;
+        let backend = Arc::new(KvmBackend::with_info(
+            vm.clone(),
+            LockedVcpus(vcpus.clone()),
+            info,
+        ));
         Ok((
             Engine::Kvm {
                 _vm: vm,
@@ -308,6 +326,14 @@ impl Vm {
     /// The plugin's view of this VM.
     pub fn clock_backend(&self) -> Arc<dyn ClockBackend> {
         self.backend.clone()
+    }
+
+    /// The pvclock page the guest reads on `vcpu` (measurement: not part of the plugin's seam).
+    pub fn pvclock(&self, vcpu: usize) -> Result<Option<PvclockTimeInfo>, BackendError> {
+        match &self.engine {
+            Engine::Kvm { mem, .. } => Ok(read_pvclock(mem, vcpu)),
+            Engine::Model { model, .. } => model.pvclock(vcpu),
+        }
     }
 
     /// The vmclock page.

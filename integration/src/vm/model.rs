@@ -3,8 +3,8 @@
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
 use guest_clock::backend::{
-    host, BackendError, Capabilities, ClockBackend, ClockData, HostInfo, PvclockTimeInfo,
-    TscControl,
+    host, BackendError, Capabilities, ClockData, HostFacts, HostInfo, Hypervisor, PvclockPages,
+    PvclockTimeInfo, TscControl,
 };
 
 /// The model backend with its time following the real CLOCK_REALTIME, so that several
@@ -35,7 +35,7 @@ impl RealTimeModel {
     }
 }
 
-impl ClockBackend for RealTimeModel {
+impl Hypervisor for RealTimeModel {
     fn name(&self) -> &str {
         "model"
     }
@@ -75,9 +75,15 @@ impl ClockBackend for RealTimeModel {
     fn kvmclock_ctrl(&self, v: usize) -> Result<(), BackendError> {
         self.vm.kvmclock_ctrl(v)
     }
+}
+
+impl PvclockPages for RealTimeModel {
     fn pvclock(&self, v: usize) -> Result<Option<PvclockTimeInfo>, BackendError> {
         self.sync().pvclock(v)
     }
+}
+
+impl HostFacts for RealTimeModel {
     fn host_realtime_ns(&self) -> u64 {
         self.sync().host_realtime_ns()
     }

@@ -96,7 +96,7 @@ pub(super) fn read_pvclock(mem: &GuestMemoryMmap, vcpu: usize) -> Option<Pvclock
         let mut b = [0u8; 32];
         mem.read_slice(&mut b, gpa).ok()?;
         let p = decode_pvclock(&b);
-        if p.version % 2 == 0 {
+        if p.version.is_multiple_of(2) {
             return (p.tsc_to_system_mul != 0).then_some(p);
         }
     }

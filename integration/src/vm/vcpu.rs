@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use guest_clock::backend::kvm::KvmBackend;
-use guest_clock::backend::{host, ClockBackend};
+use guest_clock::backend::{host, Hypervisor};
 use guest_clock::math;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, warn};
@@ -31,7 +30,7 @@ pub(super) fn vcpu_loop(
     vcpu: Arc<Mutex<VcpuFd>>,
     mem: GuestMemoryMmap,
     shared: Arc<Shared>,
-    kvm: Arc<KvmBackend>,
+    kvm: Arc<super::ClockvmmKvm>,
 ) {
     let slot = GuestAddress(SLOTS_GPA + 16 * id as u64);
     let host_khz = kvm.host_tsc_khz();
