@@ -13,5 +13,6 @@ pub mod capture;
 pub mod manager;
 pub mod restore;
 pub mod signal;
+pub mod vmclock;
 
 pub use manager::{clock_state_from_snapshot, ClockManager, CLOCK_SNAPSHOT_ID};
