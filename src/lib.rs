@@ -15,6 +15,7 @@ pub mod capture;
 pub mod manager;
 pub mod restore;
 pub mod signal;
+pub mod vmclock;
 
 pub use manager::{clock_state_from_snapshot, ClockManager, CLOCK_SNAPSHOT_ID};
 

@@ -23,6 +23,7 @@ use crate::backend::ClockBackend;
 use crate::capture::{capture, CaptureError};
 use crate::restore::{restore, RestoreError, RestoreOptions, RestoreReport};
 use crate::signal::{VmclockMemory, VmclockWriter};
+use crate::vmclock::{Refresh, VmclockConfig, VmclockError, VmclockUpdater};
 
 /// The id of the clock section in a VMM's snapshot tree.
 pub const CLOCK_SNAPSHOT_ID: &str = "clock";
@@ -126,6 +127,7 @@ pub fn clock_state_from_snapshot(snapshot: &Snapshot) -> Result<ClockState, Migr
 pub struct ClockManager<'a> {
     backend: Arc<dyn ClockBackend + 'a>,
     vmclock: Option<Arc<dyn VmclockMemory>>,
+    vmclock_updater: Option<Arc<VmclockUpdater>>,
     options: RestoreOptions,
     captured: Option<ClockState>,
     last_report: Option<RestoreReport>,
@@ -139,6 +141,7 @@ impl<'a> ClockManager<'a> {
         ClockManager {
             backend,
             vmclock: None,
+            vmclock_updater: None,
             options: RestoreOptions::default(),
             captured: None,
             last_report: None,
@@ -155,22 +158,47 @@ impl<'a> ClockManager<'a> {
         self
     }
 
-    /// Give the manager the guest's vmclock page; it is initialised (marker 0) unless it already
-    /// carries the vmclock magic.
-    pub fn with_vmclock(mut self, mem: Arc<dyn VmclockMemory>) -> Self {
-        let writer = VmclockWriter::new(mem.as_ref());
-        let initialised = writer
-            .view()
-            .ok()
-            .zip(read_magic(mem.as_ref()))
-            .is_some_and(|(_, m)| m == crate::signal::VMCLOCK_MAGIC);
+    /// Give the manager the guest's vmclock page with the default [`VmclockConfig`] for its
+    /// backend; see [`with_vmclock_config`](Self::with_vmclock_config).
+    pub fn with_vmclock(self, mem: Arc<dyn VmclockMemory>) -> Self {
+        let config = VmclockConfig::for_backend(self.backend.as_ref());
+        self.with_vmclock_config(mem, config)
+    }
+
+    /// Give the manager the guest's vmclock page. A page that does not carry the vmclock magic
+    /// gets the whole structure now (guest TSC → UTC, status, errors; marker and generation 0),
+    /// falling back to "disruption signal only" (counter INVALID) if the relationship cannot be
+    /// sampled; a page that carries it (a restored guest's) is left for the restore to rewrite.
+    pub fn with_vmclock_config(
+        mut self,
+        mem: Arc<dyn VmclockMemory>,
+        config: VmclockConfig,
+    ) -> Self {
+        let initialised = read_magic(mem.as_ref()) == Some(crate::signal::VMCLOCK_MAGIC);
+        let updater = Arc::new(VmclockUpdater::new(mem.clone(), config));
         if !initialised {
-            if let Err(e) = writer.init(0) {
-                warn!("vmclock page not initialised: {e}");
+            if let Err(e) = updater.write_now(self.backend.as_ref()) {
+                warn!("vmclock: full structure not written ({e}); disruption signal only");
+                if let Err(e) = VmclockWriter::new(mem.as_ref()).init(0) {
+                    warn!("vmclock page not initialised: {e}");
+                }
             }
         }
         self.vmclock = Some(mem);
+        self.vmclock_updater = Some(updater);
         self
+    }
+
+    /// The vmclock updater, for a VMM that refreshes the page from its own timer thread.
+    pub fn vmclock_updater(&self) -> Option<&Arc<VmclockUpdater>> {
+        self.vmclock_updater.as_ref()
+    }
+
+    /// Keep the vmclock page fresh (see [`VmclockUpdater::refresh`]); `None` without a page.
+    pub fn refresh_vmclock(&self) -> Option<Result<Refresh, VmclockError>> {
+        self.vmclock_updater
+            .as_ref()
+            .map(|u| u.refresh(self.backend.as_ref()))
     }
 
     /// The backend.
@@ -228,6 +256,21 @@ impl<'a> ClockManager<'a> {
             &self.options,
             self.vmclock.as_deref(),
         )?;
+        if let Some(u) = &self.vmclock_updater {
+            // Before the first KVM_RUN: this host's relationship and status; marker and
+            // generation bumped only when the guest was disrupted.
+            let signalled = report.signalled.vmclock_disruption_marker;
+            let disrupted =
+                report.mode == crate::restore::RestoreMode::LiveMigration || signalled.is_some();
+            let marker = signalled.unwrap_or(if disrupted {
+                state.vmclock_disruption_marker.wrapping_add(1)
+            } else {
+                state.vmclock_disruption_marker
+            });
+            if let Err(e) = u.after_restore(self.backend.as_ref(), disrupted, marker) {
+                warn!("vmclock not rewritten after the restore: {e}");
+            }
+        }
         self.last_report = Some(report.clone());
         Ok(report)
     }

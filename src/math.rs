@@ -460,6 +460,295 @@ pub fn migration_tsc_offsets(
     out
 }
 
+// ---------------------------------------------------------------- vmclock (2⁻⁶⁴ s units)
+
+/// A 256-bit unsigned integer, just enough for exact `a · b / c` with u128 factors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct U256 {
+    // Field order matters: the derived `Ord` compares `hi` first.
+    hi: u128,
+    lo: u128,
+}
+
+impl U256 {
+    const ZERO: U256 = U256 { hi: 0, lo: 0 };
+
+    fn from_u128(x: u128) -> Self {
+        U256 { hi: 0, lo: x }
+    }
+
+    /// The full 256-bit product of two u128, by 64-bit limbs.
+    fn mul(a: u128, b: u128) -> Self {
+        const M: u128 = u64::MAX as u128;
+        let (a1, a0) = (a >> 64, a & M);
+        let (b1, b0) = (b >> 64, b & M);
+        let mut r = U256 {
+            hi: a1 * b1,
+            lo: a0 * b0,
+        };
+        for mid in [a0 * b1, a1 * b0] {
+            r = r.wrapping_add(U256 {
+                hi: mid >> 64,
+                lo: mid << 64,
+            });
+        }
+        r
+    }
+
+    fn wrapping_add(self, o: U256) -> Self {
+        let (lo, carry) = self.lo.overflowing_add(o.lo);
+        U256 {
+            hi: self.hi.wrapping_add(o.hi).wrapping_add(u128::from(carry)),
+            lo,
+        }
+    }
+
+    fn checked_add(self, o: U256) -> Option<Self> {
+        let (lo, carry) = self.lo.overflowing_add(o.lo);
+        let hi = self.hi.checked_add(o.hi)?.checked_add(u128::from(carry))?;
+        Some(U256 { hi, lo })
+    }
+
+    fn wrapping_sub(self, o: U256) -> Self {
+        let (lo, borrow) = self.lo.overflowing_sub(o.lo);
+        U256 {
+            hi: self.hi.wrapping_sub(o.hi).wrapping_sub(u128::from(borrow)),
+            lo,
+        }
+    }
+
+    /// `self << n` for `n < 256` (bits shifted out are lost).
+    fn shl(self, n: u32) -> Self {
+        match n {
+            0 => self,
+            1..=127 => U256 {
+                hi: (self.hi << n) | (self.lo >> (128 - n)),
+                lo: self.lo << n,
+            },
+            128..=255 => U256 {
+                hi: self.lo << (n - 128),
+                lo: 0,
+            },
+            _ => U256::ZERO,
+        }
+    }
+
+    fn shr1(self) -> Self {
+        U256 {
+            hi: self.hi >> 1,
+            lo: (self.lo >> 1) | (self.hi << 127),
+        }
+    }
+
+    fn bit(self, i: u32) -> bool {
+        if i < 128 {
+            (self.lo >> i) & 1 == 1
+        } else {
+            (self.hi >> (i - 128)) & 1 == 1
+        }
+    }
+
+    /// `⌊self / d⌋` by binary long division; `None` when `d == 0` or `d ≥ 2²⁵⁵` (so the running
+    /// remainder can always be doubled).
+    fn checked_div(self, d: U256) -> Option<Self> {
+        if d == U256::ZERO || d.hi >> 127 != 0 {
+            return None;
+        }
+        let mut q = U256::ZERO;
+        let mut rem = U256::ZERO;
+        for i in (0..256).rev() {
+            rem = rem.shl(1);
+            if self.bit(i) {
+                rem.lo |= 1;
+            }
+            if rem >= d {
+                rem = rem.wrapping_sub(d);
+                q = q.wrapping_add(U256::from_u128(1).shl(i));
+            }
+        }
+        Some(q)
+    }
+
+    /// `round(self / d)`, halves up.
+    fn checked_div_round(self, d: U256) -> Option<Self> {
+        self.checked_add(d.shr1())?.checked_div(d)
+    }
+
+    fn to_u64(self) -> Option<u64> {
+        if self.hi != 0 {
+            return None;
+        }
+        u64::try_from(self.lo).ok()
+    }
+}
+
+/// A vmclock counter period: one counter tick lasts `frac_sec / 2^(64 + shift)` seconds
+/// (`counter_period_frac_sec`, `counter_period_shift` of `struct vmclock_abi`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmclockPeriod {
+    /// `counter_period_frac_sec`: seconds per tick in units of `2^-(64 + shift)`.
+    pub frac_sec: u64,
+    /// `counter_period_shift`.
+    pub shift: u8,
+}
+
+/// The period of a tick lasting `num / den` seconds, with the largest shift that still fits:
+/// `frac_sec = round(2^(64 + shift) · num / den)`, `shift` the largest in `0..=63` with
+/// `frac_sec ≤ u64::MAX`. The relative precision is then better than `2⁻⁶³`: for a 10 GHz
+/// counter shift is 33 and an hour of ticks carries < 1 fs of rounding error.
+/// `None` when the period is 0, too long (`round(2⁶⁴ · num / den) > u64::MAX`, i.e. ≥ 1 s), or
+/// too short to represent (`frac_sec` would be 0 even at shift 63).
+fn vmclock_period_of(num: u128, den: U256) -> Option<VmclockPeriod> {
+    let at = |shift: u8| -> Option<Option<u64>> {
+        // 2^(64+shift) · num < 2^(127+127): no overflow.
+        let n = U256::from_u128(num).shl(64 + u32::from(shift));
+        Some(n.checked_div_round(den)?.to_u64())
+    };
+    at(0)??;
+    let (mut lo, mut hi) = (0u8, 63u8);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if at(mid)?.is_some() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let frac_sec = at(lo)??;
+    (frac_sec != 0).then_some(VmclockPeriod {
+        frac_sec,
+        shift: lo,
+    })
+}
+
+/// The period of a counter running at `hz` ticks per second: `round(2^(64+shift) / hz)` with
+/// the shift chosen by the same rule as [`guest_tsc_period`]. `None` for 0 Hz or 1 Hz
+/// (a period of ≥ 1 s does not fit `counter_period_frac_sec`).
+pub fn counter_period_for_hz(hz: u64) -> Option<VmclockPeriod> {
+    vmclock_period_of(1, U256::from_u128(u128::from(hz)))
+}
+
+/// How fast the host's CLOCK_REALTIME runs against its nominal clocksource rate:
+/// `num / den` realtime seconds per nominal second.
+///
+/// From `adjtimex(2)` (`ntp_update_frequency` in kernel/time/ntp.c): the kernel makes a second
+/// of nominal clocksource cycles last `tick_us · USER_HZ · 1000 + freq · 1000 / 2¹⁶` ns, where
+/// `tick_us` is `timex.tick` (µs per `USER_HZ` tick, 10000 nominal) and `freq` is `timex.freq`
+/// (scaled ppm, 2⁻¹⁶ ppm). So `num = tick_us · USER_HZ · 1000 · 2¹⁶ + freq · 1000`,
+/// `den = 10⁹ · 2¹⁶`. The PLL's transient offset slew (`timex.offset` with `STA_PLL`) is not
+/// included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RealtimeRate {
+    /// Realtime seconds (numerator).
+    pub num: u64,
+    /// Nominal seconds (denominator, non-zero).
+    pub den: u64,
+}
+
+/// `USER_HZ` on x86 Linux: the unit of `timex.tick`.
+pub const USER_HZ: i64 = 100;
+
+impl RealtimeRate {
+    /// Realtime runs at exactly the nominal rate.
+    pub const NOMINAL: RealtimeRate = RealtimeRate { num: 1, den: 1 };
+
+    /// The rate `adjtimex` reports (see the type's docs). `None` outside what the kernel
+    /// accepts: `tick_us` within ±10 % of `1e6 / USER_HZ`, `|freq| ≤ 500 ppm` (`MAXFREQ_SCALED`).
+    pub fn from_adjtimex(tick_us: i64, freq_scaled_ppm: i64) -> Option<Self> {
+        const SCALE: i64 = 1 << 16;
+        let nominal_tick = 1_000_000 / USER_HZ;
+        if !(nominal_tick * 9 / 10..=nominal_tick * 11 / 10).contains(&tick_us)
+            || freq_scaled_ppm.unsigned_abs() > 500 * (SCALE as u64)
+        {
+            return None;
+        }
+        let num = tick_us * USER_HZ * 1000 * SCALE + freq_scaled_ppm * 1000;
+        Some(RealtimeRate {
+            num: u64::try_from(num).ok()?,
+            den: 1_000_000_000 * SCALE as u64,
+        })
+    }
+}
+
+/// The vmclock period of a guest TSC, in the host's realtime: with guest ticks
+/// `guest = ((host · ratio) >> frac_bits) + offset` and the host TSC nominally at
+/// `host_tsc_khz`, one guest tick lasts
+/// `P = 2^frac_bits / ratio · 1 / (host_tsc_khz · 1000) · rate.num / rate.den` seconds
+/// (`frac_bits == 0`: no scaling hardware, the guest TSC runs at the host's rate whatever its
+/// nominal kHz). Computed exactly with a 256-bit intermediate, then as [`counter_period_for_hz`].
+///
+/// The guest's own `tsc_khz` is deliberately not used: KVM does not scale within 250 ppm (and
+/// without scaling hardware not at all), so the ratio KVM applies is the truth.
+pub fn guest_tsc_period(
+    host_tsc_khz: u32,
+    ratio: u64,
+    frac_bits: u8,
+    rate: RealtimeRate,
+) -> Option<VmclockPeriod> {
+    if host_tsc_khz == 0 || ratio == 0 || rate.den == 0 || rate.num == 0 {
+        return None;
+    }
+    let host_hz = u128::from(host_tsc_khz) * 1000;
+    let (num, den_a) = if frac_bits == 0 || frac_bits > 63 {
+        (u128::from(rate.num), host_hz)
+    } else {
+        (
+            u128::from(rate.num) << frac_bits,
+            u128::from(ratio) * host_hz,
+        )
+    };
+    vmclock_period_of(num, U256::mul(den_a, u128::from(rate.den)))
+}
+
+/// A period's error rate: `⌈frac_sec · ppm_scaled / (10⁶ · 2¹⁶)⌉` in the period's own units, for
+/// `counter_period_{es,max}error_rate_frac_sec` (rounded up: an error bound). Saturates.
+pub fn period_error_rate(period: VmclockPeriod, ppm_scaled: u64) -> u64 {
+    let d: u128 = 1_000_000 << 16;
+    sat_u64((u128::from(period.frac_sec) * u128::from(ppm_scaled)).div_ceil(d))
+}
+
+/// Nanoseconds within a second as a fraction of a second in 2⁻⁶⁴ units, rounded *up*:
+/// `⌈ns · 2⁶⁴ / 10⁹⌉`, so that [`frac_sec_to_ns`] gives `ns` back exactly. `ns` ≥ 1e9 saturates.
+pub fn ns_to_frac_sec(ns: u32) -> u64 {
+    if u64::from(ns) >= NSEC_PER_SEC {
+        return u64::MAX;
+    }
+    sat_u64((u128::from(ns) << 64).div_ceil(u128::from(NSEC_PER_SEC)))
+}
+
+/// A fraction of a second in 2⁻⁶⁴ units as nanoseconds, truncated as ptp_vmclock does
+/// (`mul_u64_u64_shr(frac, NSEC_PER_SEC, 64)`): `⌊frac · 10⁹ / 2⁶⁴⌋`.
+pub fn frac_sec_to_ns(frac_sec: u64) -> u32 {
+    ((u128::from(frac_sec) * u128::from(NSEC_PER_SEC)) >> 64) as u32
+}
+
+/// CLOCK_REALTIME ns as vmclock `(time_sec, time_frac_sec)`: `(⌊ns / 10⁹⌋, ns_to_frac_sec(ns mod 10⁹))`.
+pub fn realtime_ns_to_vmclock(ns: u64) -> (u64, u64) {
+    (
+        ns / NSEC_PER_SEC,
+        ns_to_frac_sec((ns % NSEC_PER_SEC) as u32),
+    )
+}
+
+/// The time a guest computes from a vmclock relationship at counter value `counter`, exactly as
+/// Linux's ptp_vmclock does (`vmclock_get_crosststamp`):
+/// `delta = counter − counter_value` (u64, wrapping),
+/// `r = ((delta · frac_sec) >> shift) + time_frac_sec` (u128),
+/// `sec = time_sec + (r >> 64)` (wrapping), `frac = r mod 2⁶⁴`. Returns `(sec, frac)`.
+pub fn vmclock_time_at(
+    counter_value: u64,
+    period: VmclockPeriod,
+    time_sec: u64,
+    time_frac_sec: u64,
+    counter: u64,
+) -> (u64, u64) {
+    let delta = counter.wrapping_sub(counter_value);
+    let shift = u32::from(period.shift).min(127);
+    let r =
+        ((u128::from(delta) * u128::from(period.frac_sec)) >> shift) + u128::from(time_frac_sec);
+    (time_sec.wrapping_add((r >> 64) as u64), r as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,7 +913,149 @@ mod tests {
         assert!(host_tsc_continuity(0, 0, 0, 1, 1, 1000, 1).is_err());
     }
 
+    #[test]
+    fn u256_mul_div() {
+        let a = 0xdead_beef_1234_5678_9abc_def0_1357_9bdfu128;
+        let b = 0xffff_ffff_ffff_ffff_ffff_ffff_ffff_fff1u128;
+        let p = U256::mul(a, b);
+        assert_eq!(p.checked_div(U256::from_u128(b)), Some(U256::from_u128(a)));
+        assert_eq!(p.checked_div(U256::from_u128(a)), Some(U256::from_u128(b)));
+        assert_eq!(U256::mul(3, 5), U256::from_u128(15));
+        assert_eq!(U256::mul(1 << 127, 2), U256 { hi: 1, lo: 0 });
+        assert_eq!(
+            U256::from_u128(7).checked_div_round(U256::from_u128(2)),
+            Some(U256::from_u128(4))
+        );
+        assert_eq!(U256::from_u128(7).checked_div(U256::ZERO), None);
+    }
+
+    #[test]
+    fn vmclock_period_known_values() {
+        // The UAPI vmclock spec's example: 1 GHz is 0x89705F4136B4A597 >> (64 + 29).
+        let p = counter_period_for_hz(1_000_000_000).unwrap();
+        assert_eq!(p.shift, 29);
+        assert!(
+            p.frac_sec.abs_diff(0x8970_5F41_36B4_A597) <= 1,
+            "{:#x}",
+            p.frac_sec
+        );
+        assert_eq!(counter_period_for_hz(0), None);
+        assert_eq!(counter_period_for_hz(1), None, "a 1 s period does not fit");
+        assert_eq!(counter_period_for_hz(2).map(|p| p.shift), Some(0));
+        // Guest at half the host rate by scaling = a counter at half the rate.
+        assert_eq!(
+            guest_tsc_period(2_000_000, 1 << 47, 48, RealtimeRate::NOMINAL),
+            counter_period_for_hz(1_000_000_000)
+        );
+        // No scaling hardware (frac 0): the host rate, whatever the ratio says.
+        assert_eq!(
+            guest_tsc_period(2_000_000, 12345, 0, RealtimeRate::NOMINAL),
+            counter_period_for_hz(2_000_000_000)
+        );
+        // adjtimex at nominal (tick 10000, freq 0) is the nominal rate exactly.
+        assert_eq!(
+            RealtimeRate::from_adjtimex(10_000, 0).map(|r| r.num == r.den),
+            Some(true)
+        );
+        assert_eq!(
+            guest_tsc_period(
+                2_445_404,
+                1 << 48,
+                48,
+                RealtimeRate::from_adjtimex(10_000, 0).unwrap()
+            ),
+            guest_tsc_period(2_445_404, 1 << 48, 48, RealtimeRate::NOMINAL)
+        );
+        assert_eq!(RealtimeRate::from_adjtimex(5_000, 0), None);
+        assert_eq!(RealtimeRate::from_adjtimex(10_000, 501 << 16), None);
+        assert_eq!(guest_tsc_period(0, 1, 48, RealtimeRate::NOMINAL), None);
+    }
+
+    #[test]
+    fn realtime_rate_changes_the_period() {
+        // +100 ppm: a second of nominal ticks at 1 GHz lasts 1.0001 s of realtime.
+        let rate = RealtimeRate::from_adjtimex(10_000, 100 << 16).unwrap();
+        let p = guest_tsc_period(1_000_000, 1 << 48, 48, rate).unwrap();
+        let (s, f) = vmclock_time_at(0, p, 0, 0, 1_000_000_000);
+        let ns = s * 1_000_000_000 + u64::from(frac_sec_to_ns(f));
+        assert!(ns.abs_diff(1_000_100_000) <= 1, "{ns}");
+        // tick 10001 µs: +100 ppm too.
+        let p2 = guest_tsc_period(
+            1_000_000,
+            1 << 48,
+            48,
+            RealtimeRate::from_adjtimex(10_001, 0).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(p, p2);
+        // The error rate of 500 ppm is 1/2000 of the period, rounded up.
+        let pn = counter_period_for_hz(1_000_000_000).unwrap();
+        assert_eq!(period_error_rate(pn, 500 << 16), pn.frac_sec.div_ceil(2000));
+    }
+
+    #[test]
+    fn vmclock_time_carries_into_seconds() {
+        let p = counter_period_for_hz(1_000_000_000).unwrap();
+        let (s0, f0) = realtime_ns_to_vmclock(5_999_999_999);
+        assert_eq!((s0, frac_sec_to_ns(f0)), (5, 999_999_999));
+        let (s, f) = vmclock_time_at(100, p, s0, f0, 102);
+        assert_eq!(s, 6);
+        assert!(frac_sec_to_ns(f) <= 1);
+        assert_eq!(ns_to_frac_sec(1_000_000_000), u64::MAX);
+    }
+
     proptest! {
+        #[test]
+        fn frac_sec_round_trip(ns in 0u32..1_000_000_000) {
+            prop_assert_eq!(frac_sec_to_ns(ns_to_frac_sec(ns)), ns);
+        }
+
+        /// time(counter_value + n) = time + n / f within 1 ns for 1 MHz..10 GHz over 4 hours;
+        /// the shift is the largest that fits (the period's top bit is set, or shift is 63).
+        #[test]
+        fn vmclock_period_precise_over_hours(
+            hz in 1_000_000u64..=10_000_000_000, frac in 0.0f64..1.0, t0 in 0u64..(1u64 << 62),
+            c0 in any::<u64>(),
+        ) {
+            let p = counter_period_for_hz(hz).unwrap();
+            prop_assert!(p.frac_sec >= 1 << 63 || p.shift == 63, "{:?}", p);
+            let n = (frac * (hz as f64) * 14_400.0) as u64;
+            let (ts, tf) = realtime_ns_to_vmclock(t0);
+            let (s, f) = vmclock_time_at(c0, p, ts, tf, c0.wrapping_add(n));
+            let got = u128::from(s) * 1_000_000_000 + u128::from(frac_sec_to_ns(f));
+            // exact = t0 + n·1e9/hz (rational); got truncates, so it is ⌊exact⌋ or one below.
+            let exact_num = u128::from(t0) * u128::from(hz) + u128::from(n) * 1_000_000_000;
+            let floor = exact_num / u128::from(hz);
+            prop_assert!(got <= floor + 1 && got + 1 >= floor, "got {} exact ⌊{}⌋", got, floor);
+        }
+
+        /// The guest-TSC period agrees with `ticks_to_ns` (same integer kHz rate).
+        #[test]
+        fn vmclock_agrees_with_ticks_to_ns(khz in 1_000u32..=10_000_000, ticks in 0u64..(1u64 << 46)) {
+            let p = guest_tsc_period(khz, 1 << 48, 48, RealtimeRate::NOMINAL).unwrap();
+            let (s, f) = vmclock_time_at(0, p, 0, 0, ticks);
+            let got = u128::from(s) * 1_000_000_000 + u128::from(frac_sec_to_ns(f));
+            let want = u128::from(ticks_to_ns_floor(ticks, khz));
+            prop_assert!(got.abs_diff(want) <= 1, "{} vs {}", got, want);
+        }
+
+        /// Scaled guest TSCs: the period is 2^frac / (ratio · host_hz) to 2⁻⁶³ relative.
+        #[test]
+        fn vmclock_scaled_period(host in 1_000u32..=10_000_000, guest in 1_000u32..=10_000_000, amd in any::<bool>()) {
+            let frac = if amd { 32 } else { 48 };
+            let ratio = tsc_scaling_ratio(guest, host, frac).unwrap();
+            prop_assume!(ratio > 0);
+            if let Some(p) = guest_tsc_period(host, ratio, frac, RealtimeRate::NOMINAL) {
+                // One second of guest ticks by the ratio: host_hz · ratio / 2^frac.
+                let ticks = (u128::from(host) * 1000 * u128::from(ratio)) >> frac;
+                let (s, f) = vmclock_time_at(0, p, 0, 0, ticks as u64);
+                let ns = u128::from(s) * 1_000_000_000 + u128::from(frac_sec_to_ns(f));
+                // Exactly: ticks · 2^frac / (host_hz · ratio) seconds.
+                let want = (ticks << frac) * 1_000_000_000 / (u128::from(host) * 1000 * u128::from(ratio));
+                prop_assert!(ns.abs_diff(want) <= 1, "{} vs {}", ns, want);
+            }
+        }
+
         #[test]
         fn ns_ticks_round_trip(ns in 0u64..(1u64 << 62), khz in 1u32..10_000_000) {
             prop_assume!(u128::from(ns) * u128::from(khz) / 1_000_000 < u128::from(u64::MAX) / 2);

@@ -194,3 +194,41 @@ fn backend_over_borrowed_fds() {
     assert!(b.host_realtime_ns() > 0);
     assert!(KvmBackend::new(&vm, &[]).is_err(), "no vCPUs");
 }
+
+/// The full vmclock structure on real KVM: the time it gives at the guest's TSC (read by MSR)
+/// is this host's CLOCK_REALTIME, within the bracket of the reads plus 2 µs.
+#[test]
+fn vmclock_page_tells_host_realtime() {
+    use guest_clock::vmclock::{
+        read_vmclock, AtomicVmclockMemory, VmclockConfig, VmclockUpdater,
+        VMCLOCK_STATUS_SYNCHRONIZED,
+    };
+    let Some(t) = test_vm(1) else { return };
+    t.run_all();
+    let b = t.backend();
+    let page = std::sync::Arc::new(AtomicVmclockMemory::new());
+    let u = VmclockUpdater::new(page.clone(), VmclockConfig::for_backend(&b));
+    u.write_now(&b).unwrap();
+    let p = read_vmclock(page.as_ref()).unwrap();
+    eprintln!("{}", p.describe());
+    let ntp = guest_clock::vmclock::HostTimeStatus::from_kernel().unwrap();
+    if ntp.status & guest_clock::vmclock::host::STA_UNSYNC != 0 {
+        assert_ne!(p.clock_status, VMCLOCK_STATUS_SYNCHRONIZED, "unsynced host");
+    }
+    let mut best = u64::MAX;
+    for _ in 0..20 {
+        let r0 = b.host_realtime_ns();
+        let tsc = b.tsc_msr(0).unwrap();
+        let r1 = b.host_realtime_ns();
+        let got = p.time_at(tsc).expect("a time").as_ns();
+        let mid = (u128::from(r0) + u128::from(r1)) / 2;
+        let err = got.abs_diff(mid) as u64;
+        let bound = (r1 - r0) / 2 + 2_000;
+        best = best.min(err.saturating_sub(bound));
+    }
+    eprintln!("vmclock vs realtime beyond the read bracket: {best} ns");
+    assert_eq!(
+        best, 0,
+        "the page's time is outside the bracket by {best} ns"
+    );
+}

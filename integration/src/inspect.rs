@@ -1,4 +1,4 @@
-//! `clockvmm inspect FILE|DIR`: print a clock section human-readably.
+//! `clockvmm inspect FILE|DIR`: print a clock section (or a vmclock page) human-readably.
 
 use std::path::Path;
 
@@ -89,6 +89,13 @@ pub fn run(path: &Path) -> Result<(), String> {
     }
     let bytes = crate::files::read_regular(path, MAX_FILE)
         .map_err(|e| format!("{e}: not a clock section file"))?;
+    // A vmclock page (e.g. dumped from guest memory) starts with "VCLK".
+    if bytes.starts_with(&guest_clock::vmclock::VMCLOCK_MAGIC.to_le_bytes()) {
+        let abi = guest_clock::vmclock::VmclockAbi::decode(&bytes)
+            .ok_or_else(|| format!("{}: vmclock page shorter than 112 bytes", path.display()))?;
+        print!("{}", abi.describe());
+        return Ok(());
+    }
     let d = decode(&bytes).map_err(|e| format!("bad clock section ({}): {e}", e.field()))?;
     print!("{}", render(&d.state, Some(d.version)));
     Ok(())

@@ -511,12 +511,23 @@ mod tests {
             return;
         }
         vm.start().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        let o1 = vm.observe().unwrap();
-        assert_eq!(o1.vcpus.len(), 2, "both vCPUs sampled");
+        // Conditions, not sleeps: a nested TCG machine is ~10x slower.
+        let until = |what: &str, f: &dyn Fn(&GuestObservation) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let o = vm.observe().unwrap();
+                if f(&o) {
+                    return o;
+                }
+                assert!(std::time::Instant::now() < deadline, "{what}: {o:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let o1 = until("both vCPUs sampled", &|o| {
+            o.vcpus.len() == 2 && o.vcpus.iter().all(|v| v.samples > 0)
+        });
         let k = vm.clock_backend().get_clock().unwrap().clock_ns;
         for o in &o1.vcpus {
-            assert!(o.samples > 0);
             assert!(
                 o.guest_kvmclock_ns.abs_diff(k) < 50_000_000,
                 "guest {} vs {k}",
@@ -528,8 +539,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(vm.observe().unwrap(), p1, "paused: no new samples");
         vm.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(vm.observe().unwrap().vcpus[0].samples > p1.vcpus[0].samples);
+        until("sampling again after resume", &|o| {
+            o.vcpus[0].samples > p1.vcpus[0].samples
+        });
         vm.shutdown();
     }
 
