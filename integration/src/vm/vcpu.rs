@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use guest_clock::backend::{host, Hypervisor};
+use guest_clock::backend::{host, Hypervisor, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME};
 use guest_clock::math;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, warn};
@@ -58,8 +58,6 @@ pub(super) fn vcpu_loop(
                 Err(e) => Err(e.to_string()),
             }
         };
-        let h_now = host::rdtsc();
-        let rt_now = host::realtime_ns();
         if let Err(e) = exit {
             warn!("vCPU {id}: unexpected exit {e}; stopping it");
             return;
@@ -75,6 +73,7 @@ pub(super) fn vcpu_loop(
             // page at this entry: no guest computes kvmclock that way; it is skipped.)
             // Guest TSC → host TSC through the offset the backend reads (0 on kvm_pvm; the VMM
             // does not use TSC scaling), then → realtime by the host rate.
+            let (h_now, rt_now) = host_tsc_and_realtime(kvm.as_ref());
             let offset = kvm.tsc_offset(id).unwrap_or(0);
             let h_sample = tsc.wrapping_sub(offset);
             let back_ns = math::ticks_to_ns_round(h_now.saturating_sub(h_sample), host_khz);
@@ -95,5 +94,16 @@ pub(super) fn vcpu_loop(
             debug!("vCPU {id}: pvclock not valid yet");
         }
         std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// A (host TSC, host CLOCK_REALTIME) pair taken at one instant: from one `KVM_GET_CLOCK` with
+/// REALTIME|HOST_TSC (one kernel timekeeping snapshot, exact) where the kernel gives both, else
+/// two userspace reads (a preemption between them is an error of the sample's mapping).
+fn host_tsc_and_realtime(kvm: &dyn Hypervisor) -> (u64, u64) {
+    const BOTH: u32 = KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC;
+    match kvm.get_clock() {
+        Ok(d) if d.flags & BOTH == BOTH => (d.host_tsc_ticks, d.realtime_ns),
+        _ => (host::rdtsc(), host::realtime_ns()),
     }
 }
