@@ -16,6 +16,7 @@
 //! [`TscControl::Ignored`] when the guest TSC did not follow (kvm_pvm ignores such writes).
 
 use std::borrow::Borrow;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -187,6 +188,10 @@ pub struct KvmBackend<M, V> {
     vcpus: V,
     info: KvmInfo,
     tsc_control: Mutex<TscControl>,
+    /// Each vCPU's TSC rate as last read or set through this backend, kHz (0 = not known):
+    /// spares verify-after-write a `KVM_GET_TSC_KHZ` per vCPU. The public [`Hypervisor::tsc_khz`]
+    /// always asks KVM (the VMM may change rates behind our back).
+    khz_seen: Vec<AtomicU32>,
 }
 
 impl<M, V: VcpuFds> std::fmt::Debug for KvmBackend<M, V> {
@@ -260,11 +265,13 @@ impl<'a> KvmBackend<&'a VmFd, &'a [VcpuFd]> {
 impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
     /// A backend over `vm` and `vcpus` with capabilities probed before (no ioctl).
     pub fn with_info(vm: M, vcpus: V, info: KvmInfo) -> Self {
+        let khz_seen = (0..vcpus.count()).map(|_| AtomicU32::new(0)).collect();
         KvmBackend {
             vm,
             vcpus,
             info,
             tsc_control: Mutex::new(TscControl::Unknown),
+            khz_seen,
         }
     }
 
@@ -319,8 +326,18 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
         Ok((h0, t, h1))
     }
 
-    fn ratio(&self, v: &VcpuFd) -> (u64, u8) {
-        let khz = v.get_tsc_khz().unwrap_or(self.info.host_tsc_khz);
+    fn ratio(&self, v: &VcpuFd, vcpu: usize) -> (u64, u8) {
+        let seen = self
+            .khz_seen
+            .get(vcpu)
+            .map_or(0, |k| k.load(Ordering::Relaxed));
+        let khz = if seen != 0 {
+            seen
+        } else {
+            let k = v.get_tsc_khz().unwrap_or(self.info.host_tsc_khz);
+            self.note_khz(vcpu, k);
+            k
+        };
         let frac = self.info.caps.tsc_scaling_frac_bits;
         (
             math::effective_tsc_ratio(khz, self.info.host_tsc_khz, frac),
@@ -331,7 +348,7 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
     /// Did the guest TSC follow `offset`? Compare the MSR read-back with
     /// `[scale(h0) + offset, scale(h1) + offset]`.
     fn verify_offset(&self, v: &VcpuFd, vcpu: usize, offset: u64) -> Result<()> {
-        let (ratio, frac) = self.ratio(v);
+        let (ratio, frac) = self.ratio(v, vcpu);
         let (h0, t, h1) = Self::guest_tsc_bracketed(v)?;
         let lo = math::guest_tsc_ticks(h0, ratio, frac, offset);
         let hi = math::guest_tsc_ticks(h1, ratio, frac, offset);
@@ -340,6 +357,12 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
             || lo.wrapping_sub(t) <= TSC_VERIFY_SLACK_TICKS;
         self.record(vcpu, within, t, lo);
         Ok(())
+    }
+
+    fn note_khz(&self, vcpu: usize, khz: u32) {
+        if let Some(k) = self.khz_seen.get(vcpu) {
+            k.store(khz, Ordering::Relaxed);
+        }
     }
 
     fn record(&self, vcpu: usize, effective: bool, got: u64, wanted: u64) {
@@ -382,7 +405,7 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
             return Err(BackendError::Unsupported { op: "KVM_SET_MSRS" });
         }
         // The guest TSC should now be value + (time since the write).
-        let (ratio, frac) = self.ratio(v);
+        let (ratio, frac) = self.ratio(v, vcpu);
         let (_, t, h1) = Self::guest_tsc_bracketed(v)?;
         let elapsed = math::scale_tsc(h1.wrapping_sub(h_write), ratio, frac);
         let within = t.wrapping_sub(value_ticks) <= elapsed.saturating_add(TSC_VERIFY_SLACK_TICKS);
@@ -399,7 +422,7 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
         self.on(0, |v| {
             if attr {
                 let orig = get_tsc_offset(v)?;
-                let (ratio, frac) = self.ratio(v);
+                let (ratio, frac) = self.ratio(v, 0);
                 let (h0, before, _) = Self::guest_tsc_bracketed(v)?;
                 let natural = math::guest_tsc_ticks(h0, ratio, frac, 0);
                 let probe = before.wrapping_sub(natural).wrapping_add(1_000_000_000);
@@ -458,16 +481,20 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> Hypervisor for KvmBackend<M, V> 
     }
 
     fn tsc_khz(&self, vcpu: usize) -> Result<u32> {
-        self.on(vcpu, |v| {
+        let khz = self.on(vcpu, |v| {
             v.get_tsc_khz().map_err(|e| ioctl_err("KVM_GET_TSC_KHZ", e))
-        })
+        })?;
+        self.note_khz(vcpu, khz);
+        Ok(khz)
     }
 
     fn set_tsc_khz(&self, vcpu: usize, khz: u32) -> Result<()> {
         self.on(vcpu, |v| {
             v.set_tsc_khz(khz)
                 .map_err(|e| ioctl_err("KVM_SET_TSC_KHZ", e))
-        })
+        })?;
+        self.note_khz(vcpu, khz);
+        Ok(())
     }
 
     fn tsc_offset(&self, vcpu: usize) -> Result<u64> {
