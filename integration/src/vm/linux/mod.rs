@@ -14,6 +14,9 @@ pub mod layout;
 pub mod measure;
 pub mod probe;
 pub mod serial;
+// The MSR ordering contract; not wired into snapshots yet (see the module's status note).
+#[cfg_attr(not(test), allow(dead_code))]
+pub mod state;
 
 use std::io::Read;
 use std::path::PathBuf;
