@@ -201,12 +201,30 @@ impl Vmm {
                 }
             }
         }
+        // A Linux guest: its own clocks across the last disruption, per vCPU.
+        let mut linux_errors = Vec::new();
+        if let (Some(b), Some(a)) = (
+            self.before.as_ref().and_then(|b| b.linux.as_ref()),
+            now.linux.as_ref(),
+        ) {
+            for after in &a.latest {
+                if let Some(before) = b.latest.iter().find(|x| x.vcpu == after.vcpu) {
+                    if after.seq != before.seq {
+                        linux_errors
+                            .push(crate::vm::linux::measure::disruption(before, after, khz));
+                    }
+                }
+            }
+        }
+        let recent: Vec<_> = vm.linux_samples().into_iter().rev().take(16).collect();
         let marker = self.clock.as_ref().map_or(0, |c| c.vmclock_marker());
         Ok(json!({
             "backend": vm.describe(),
             "tsc_khz": khz,
             "observation": now,
             "observed_errors": errors,
+            "linux_errors": linux_errors,
+            "linux_recent_samples": recent,
             "vmclock_disruption_marker": marker,
             "restore_report": self.report,
         }))

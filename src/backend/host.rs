@@ -88,7 +88,7 @@ pub fn read_host_info(host_tsc_khz: u32) -> Result<HostInfo, BackendError> {
 }
 
 /// Which KVM module serves /dev/kvm: `kvm_pvm`, `kvm_intel`, `kvm_amd`, or `kvm`.
-pub(crate) fn kvm_flavour() -> &'static str {
+pub fn kvm_flavour() -> &'static str {
     for m in ["kvm_pvm", "kvm_intel", "kvm_amd"] {
         if std::path::Path::new(&format!("/sys/module/{m}")).exists() {
             return m;

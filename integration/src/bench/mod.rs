@@ -249,6 +249,7 @@ fn kvm_once(
         memory_mib: 1,
         force_model: false,
         vm_id: [0; 16],
+        linux: None,
     };
     let src = Vm::create(&cfg).map_err(|e| e.to_string())?;
     run_until_sampled(&src, "source")?;
@@ -443,6 +444,7 @@ fn scaling_kvm(vcpus: usize, reps: usize) -> Result<ScalingRow, String> {
         memory_mib: 2,
         force_model: false,
         vm_id: [0; 16],
+        linux: None,
     };
     let mut cap = Vec::new();
     let mut res = Vec::new();
@@ -572,6 +574,7 @@ pub fn run(json_path: Option<&Path>, svg_path: Option<&Path>, quick: bool) -> Re
         memory_mib: 1,
         force_model: false,
         vm_id: [0; 16],
+        linux: None,
     })
     .map_err(|e| e.to_string())?;
     let kind = probe.backend_kind().clone();

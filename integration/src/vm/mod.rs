@@ -6,6 +6,7 @@
 //! (the real-time model backend); this module builds, runs, pauses and saves the VM.
 
 mod guest;
+pub mod linux;
 mod model;
 mod observe;
 mod vcpu;
@@ -20,7 +21,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use guest_clock::backend::kvm::{KvmBackend, KvmInfo, VcpuFds};
-use guest_clock::backend::{BackendError, ClockBackend, HostFacts, PvclockPages, PvclockTimeInfo};
+use guest_clock::backend::{
+    BackendError, ClockBackend, HostFacts, Hypervisor, PvclockPages, PvclockTimeInfo,
+};
 use guest_clock::math;
 use guest_clock::signal::{HostVmclockMemory, VmclockMemory};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -45,6 +48,9 @@ pub struct VmConfig {
     /// assigns one), kept by every snapshot and migration, carried in the clock section.
     #[serde(default)]
     pub vm_id: [u8; 16],
+    /// Boot this Linux kernel instead of the tiny guest (real KVM only; not on kvm_pvm).
+    #[serde(default)]
+    pub linux: Option<linux::LinuxConfig>,
 }
 
 /// A new random VM identity (UUID v4 bytes) from the kernel's random source.
@@ -70,6 +76,7 @@ impl Default for VmConfig {
             memory_mib: 2,
             force_model: false,
             vm_id: [0; 16],
+            linux: None,
         }
     }
 }
@@ -161,6 +168,8 @@ enum Engine {
         vcpus: Vec<Arc<Mutex<VcpuFd>>>,
         mem: GuestMemoryMmap,
         kvm: Arc<ClockvmmKvm>,
+        /// The Linux guest's devices (None: the tiny guest).
+        linux: Option<Arc<linux::LinuxDevices>>,
     },
     Model {
         model: Arc<RealTimeModel>,
@@ -201,7 +210,11 @@ impl Vm {
             parked: Mutex::new(0),
             cv: Condvar::new(),
             obs: Mutex::new(vec![None; cfg.vcpus]),
+            tids: Mutex::new(Vec::new()),
         });
+        if let Some(lc) = &cfg.linux {
+            return Self::create_linux(cfg, lc, shared);
+        }
         let kvm_reason = if cfg.force_model {
             Err("--model requested".to_string())
         } else {
@@ -243,6 +256,57 @@ impl Vm {
                     started: AtomicBool::new(false),
                 })
             }
+        }
+    }
+
+    fn create_linux(
+        cfg: &VmConfig,
+        lc: &linux::LinuxConfig,
+        shared: Arc<Shared>,
+    ) -> Result<Vm, VmError> {
+        if cfg.force_model {
+            return Err(VmError::Invalid(
+                "a Linux guest needs real KVM: --model does not run one".into(),
+            ));
+        }
+        linux::install_kick_handler()?;
+        let parts = linux::create(cfg, lc)?;
+        let first = parts
+            .vcpus
+            .first()
+            .ok_or_else(|| VmError::Invalid("no vCPUs".into()))?;
+        let kvm_info = KvmInfo::probe(&parts.vm, &lock(first))?;
+        let backend = Arc::new(KvmBackend::with_info(
+            parts.vm.clone(),
+            LockedVcpus(parts.vcpus.clone()),
+            kvm_info,
+        ));
+        let flavour = backend.flavour().to_string();
+        let vmclock: Arc<dyn VmclockMemory> = Arc::new(GuestVmclock(parts.mem.clone()));
+        info!("Linux VM on real KVM ({flavour}), {} vCPUs", cfg.vcpus);
+        Ok(Vm {
+            engine: Engine::Kvm {
+                _vm: parts.vm,
+                vcpus: parts.vcpus,
+                mem: parts.mem,
+                kvm: backend.clone(),
+                linux: Some(parts.devices),
+            },
+            kind: BackendKind::Kvm { flavour },
+            config: cfg.clone(),
+            backend,
+            vmclock,
+            shared,
+            threads: Mutex::new(Vec::new()),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    /// The Linux guest's devices (console, probe samples), if this VM runs Linux.
+    pub fn linux(&self) -> Option<&Arc<linux::LinuxDevices>> {
+        match &self.engine {
+            Engine::Kvm { linux, .. } => linux.as_ref(),
+            Engine::Model { .. } => None,
         }
     }
 
@@ -291,9 +355,58 @@ impl Vm {
                 vcpus,
                 mem,
                 kvm: backend.clone(),
+                linux: None,
             },
             backend,
         ))
+    }
+
+    /// Take a (host TSC, host realtime) reference: one KVM_GET_CLOCK with REALTIME|HOST_TSC
+    /// (else the host's own TSC and realtime read back to back).
+    fn linux_reference(&self, kvm: &ClockvmmKvm, dev: &linux::LinuxDevices) {
+        const BOTH: u32 = 4 | 8; // KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC
+        let r = match kvm.get_clock() {
+            Ok(c) if c.flags & BOTH == BOTH => linux::measure::HostRef {
+                host_tsc: c.host_tsc_ticks,
+                realtime_ns: c.realtime_ns,
+            },
+            _ => linux::measure::HostRef {
+                host_tsc: guest_clock::backend::host::rdtsc(),
+                realtime_ns: guest_clock::backend::host::realtime_ns(),
+            },
+        };
+        dev.add_ref(r);
+    }
+
+    /// Read every vCPU's TSC offset into the Linux devices (vCPUs parked or not started).
+    fn linux_read_offsets(&self) {
+        if let Engine::Kvm {
+            linux: Some(dev),
+            kvm,
+            ..
+        } = &self.engine
+        {
+            let offsets: Vec<u64> = (0..self.config.vcpus)
+                .map(|i| kvm.tsc_offset(i).unwrap_or(0))
+                .collect();
+            *lock(&dev.offsets) = offsets;
+            self.linux_reference(kvm, dev);
+        }
+    }
+
+    /// Every probe sample of a Linux guest still in its console log, mapped to host time.
+    pub fn linux_samples(&self) -> Vec<linux::measure::LinuxSample> {
+        match &self.engine {
+            Engine::Kvm {
+                linux: Some(dev),
+                kvm,
+                ..
+            } => {
+                self.linux_reference(kvm, dev);
+                dev.samples(kvm.host_tsc_khz())
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The backend kind.
@@ -347,20 +460,29 @@ impl Vm {
             return Ok(());
         }
         let Engine::Kvm {
-            vcpus, mem, kvm, ..
+            vcpus,
+            mem,
+            kvm,
+            linux,
+            ..
         } = &self.engine
         else {
             return Ok(());
         };
+        self.linux_read_offsets();
         let mut threads = lock(&self.threads);
         for (id, v) in vcpus.iter().enumerate() {
             let v = v.clone();
             let mem = mem.clone();
             let shared = self.shared.clone();
             let kvm = kvm.clone();
+            let linux = linux.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, v, mem, shared, kvm))
+                .spawn(move || match linux {
+                    Some(dev) => linux::vcpu_loop(id, v, shared, dev),
+                    None => vcpu_loop(id, v, mem, shared, kvm),
+                })
                 .map_err(|e| VmError::Invalid(format!("spawning vCPU thread: {e}")))?;
             threads.push(t);
         }
@@ -374,21 +496,41 @@ impl Vm {
             return Ok(());
         }
         let n = self.config.vcpus;
+        let is_linux = self.linux().is_some();
+        // A Linux vCPU idles inside KVM_RUN: kick it out, again until it parked (a kick that
+        // lands just before KVM_RUN is lost).
+        let step = if is_linux {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_secs(5)
+        };
+        let deadline =
+            std::time::Instant::now() + Duration::from_secs(if is_linux { 30 } else { 5 });
         let mut parked = lock(&self.shared.parked);
         while *parked < n {
-            let (p, timeout) = self
+            if is_linux {
+                if self.shared.stop.load(Ordering::SeqCst) {
+                    // The guest stopped: its threads are gone, nothing runs.
+                    return Ok(());
+                }
+                self.shared.kick_all();
+            }
+            let (p, _) = self
                 .shared
                 .cv
-                .wait_timeout(parked, Duration::from_secs(5))
+                .wait_timeout(parked, step)
                 .unwrap_or_else(|e| e.into_inner());
             parked = p;
-            if timeout.timed_out() && *parked < n {
+            if *parked < n && std::time::Instant::now() >= deadline {
                 return Err(VmError::Invalid(format!(
-                    "only {}/{n} vCPUs parked after 5 s",
-                    *parked
+                    "only {}/{n} vCPUs parked after {} s",
+                    *parked,
+                    if is_linux { 30 } else { 5 }
                 )));
             }
         }
+        drop(parked);
+        self.linux_read_offsets();
         Ok(())
     }
 
@@ -407,8 +549,20 @@ impl Vm {
     /// The latest sample of every vCPU.
     pub fn observe(&self) -> Result<GuestObservation, VmError> {
         match &self.engine {
+            Engine::Kvm {
+                linux: Some(dev),
+                kvm,
+                ..
+            } => {
+                self.linux_reference(kvm, dev);
+                Ok(GuestObservation {
+                    vcpus: Vec::new(),
+                    linux: Some(dev.observe(kvm.host_tsc_khz())),
+                })
+            }
             Engine::Kvm { .. } => Ok(GuestObservation {
                 vcpus: lock(&self.shared.obs).iter().flatten().copied().collect(),
+                linux: None,
             }),
             Engine::Model { model, .. } => {
                 let vm = model.sync();
@@ -432,7 +586,10 @@ impl Vm {
                 if !self.is_paused() {
                     vm.run_all();
                 }
-                Ok(GuestObservation { vcpus: out })
+                Ok(GuestObservation {
+                    vcpus: out,
+                    linux: None,
+                })
             }
         }
     }
@@ -464,9 +621,12 @@ impl Vm {
         r.read_exact(&mut buf)
             .map_err(|e| VmError::Memory(format!("reading {} bytes: {e}", buf.len())))?;
         match &self.engine {
-            Engine::Kvm { mem, .. } => {
+            Engine::Kvm { mem, linux, .. } => {
                 mem.write_slice(&buf, GuestAddress(0))
                     .map_err(|e| VmError::Memory(e.to_string()))?;
+                if linux.is_some() {
+                    return Ok(());
+                }
                 // The code is this VMM's, not the sender's.
                 mem.write_slice(&GUEST_CODE, GuestAddress(CODE_GPA))
                     .map_err(|e| VmError::Memory(e.to_string()))
@@ -483,6 +643,16 @@ impl Vm {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.pause_requested.store(false, Ordering::SeqCst);
         self.shared.cv.notify_all();
+        if self.linux().is_some() {
+            // A kick can land just before KVM_RUN and be lost: kick until every thread ended.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while lock(&self.threads).iter().any(|t| !t.is_finished())
+                && std::time::Instant::now() < deadline
+            {
+                self.shared.kick_all();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }

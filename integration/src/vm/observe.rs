@@ -36,6 +36,9 @@ pub struct VcpuObservation {
 pub struct GuestObservation {
     /// One per vCPU (vCPUs that have not sampled yet are absent).
     pub vcpus: Vec<VcpuObservation>,
+    /// A Linux guest's own clocks (probe samples mapped to host time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux: Option<super::linux::LinuxObservation>,
 }
 
 /// Guest-observed kvmclock error across a disruption:

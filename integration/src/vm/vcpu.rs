@@ -23,6 +23,56 @@ pub(super) struct Shared {
     pub(super) parked: Mutex<usize>,
     pub(super) cv: Condvar,
     pub(super) obs: Mutex<Vec<Option<VcpuObservation>>>,
+    /// The vCPU threads (for kicks out of KVM_RUN).
+    pub(super) tids: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// Unregisters a vCPU thread from the kick list when dropped.
+pub(super) struct ThreadGuard<'a>(&'a Shared, libc::pthread_t);
+
+impl Drop for ThreadGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.tids).retain(|t| *t != self.1);
+    }
+}
+
+impl Shared {
+    /// Record the calling thread as a vCPU thread to kick, until the guard drops (before the
+    /// thread ends: a kick never targets a finished thread).
+    pub(super) fn register_thread(&self) -> ThreadGuard<'_> {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.tids).push(me);
+        ThreadGuard(self, me)
+    }
+
+    /// Interrupt every vCPU thread's KVM_RUN (a Linux guest idles inside KVM).
+    pub(super) fn kick_all(&self) {
+        let sig = super::linux::kick_signal();
+        for t in lock(&self.tids).iter() {
+            // SAFETY: `t` is a vCPU thread of this process that registered itself; the VM
+            // joins its threads before they are forgotten, and the signal's handler is a
+            // no-op installed before any vCPU thread starts.
+            unsafe {
+                libc::pthread_kill(*t, sig);
+            }
+        }
+    }
+
+    /// Park while a pause is requested; whether the thread parked.
+    pub(super) fn park_if_requested(&self) -> bool {
+        if !self.pause_requested.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut parked = lock(&self.parked);
+        *parked += 1;
+        self.cv.notify_all();
+        while self.pause_requested.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            parked = self.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        true
+    }
 }
 
 pub(super) fn vcpu_loop(
@@ -38,16 +88,7 @@ pub(super) fn vcpu_loop(
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        if shared.pause_requested.load(Ordering::SeqCst) {
-            let mut parked = lock(&shared.parked);
-            *parked += 1;
-            shared.cv.notify_all();
-            while shared.pause_requested.load(Ordering::SeqCst)
-                && !shared.stop.load(Ordering::SeqCst)
-            {
-                parked = shared.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
-            }
-            *parked -= 1;
+        if shared.park_if_requested() {
             continue;
         }
         let exit = {

@@ -1,0 +1,221 @@
+//! The Linux guest's own clocks, mapped to host time exactly: a probe sample's guest TSC
+//! (midpoint of its two RDTSCs) minus the vCPU's TSC offset as KVM holds it (read while the
+//! vCPUs are parked: at start, at every pause, after a restore) is a host TSC value; host TSC
+//! → host CLOCK_REALTIME comes from `KVM_GET_CLOCK` (REALTIME|HOST_TSC: one kernel snapshot of
+//! both), interpolated between the two references around the sample (extrapolated at the host
+//! TSC rate beyond them). No TSC scaling: KVM_CAP_TSC_CONTROL is absent under the nested lane and
+//! clockvmm never sets a ratio.
+
+use guest_clock::math;
+use serde::{Deserialize, Serialize};
+
+use super::probe::ProbeSample;
+
+/// One (host TSC, host CLOCK_REALTIME) pair from a single KVM_GET_CLOCK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRef {
+    /// Host TSC, ticks.
+    pub host_tsc: u64,
+    /// Host CLOCK_REALTIME, ns.
+    pub realtime_ns: u64,
+}
+
+/// References kept (oldest dropped).
+pub const MAX_REFS: usize = 4096;
+
+/// Host CLOCK_REALTIME at host TSC `tsc`: linear between the bracketing references (exact up to
+/// the host's own NTP slew between them), else from the nearest one at `host_khz`.
+pub fn host_realtime_at(refs: &[HostRef], host_khz: u32, tsc: u64) -> Option<u64> {
+    let below = refs
+        .iter()
+        .filter(|r| r.host_tsc <= tsc)
+        .max_by_key(|r| r.host_tsc);
+    let above = refs
+        .iter()
+        .filter(|r| r.host_tsc > tsc)
+        .min_by_key(|r| r.host_tsc);
+    match (below, above) {
+        (Some(b), Some(a)) if a.realtime_ns >= b.realtime_ns => {
+            let span_t = u128::from(a.host_tsc - b.host_tsc);
+            let span_ns = u128::from(a.realtime_ns - b.realtime_ns);
+            let d = u128::from(tsc - b.host_tsc) * span_ns / span_t.max(1);
+            Some(b.realtime_ns.saturating_add(u64::try_from(d).ok()?))
+        }
+        (Some(b), _) => Some(
+            b.realtime_ns
+                .saturating_add(math::ticks_to_ns_round(tsc - b.host_tsc, host_khz)),
+        ),
+        (None, Some(a)) => Some(
+            a.realtime_ns
+                .saturating_sub(math::ticks_to_ns_round(a.host_tsc - tsc, host_khz)),
+        ),
+        (None, None) => None,
+    }
+}
+
+/// A probe sample with the host time it was taken at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxSample {
+    /// vCPU.
+    pub vcpu: usize,
+    /// The probe's sequence number.
+    pub seq: u64,
+    /// Guest TSC (midpoint of the probe's two reads), ticks.
+    pub guest_tsc: u64,
+    /// Guest CLOCK_REALTIME, ns.
+    pub guest_realtime_ns: u64,
+    /// Guest CLOCK_MONOTONIC, ns.
+    pub guest_monotonic_ns: u64,
+    /// Guest CLOCK_BOOTTIME, ns.
+    pub guest_boottime_ns: u64,
+    /// Host CLOCK_REALTIME at that instant, ns.
+    pub host_realtime_ns: u64,
+    /// The TSC offset used for the mapping.
+    pub tsc_offset: u64,
+}
+
+impl LinuxSample {
+    /// Guest CLOCK_REALTIME minus host CLOCK_REALTIME, ns.
+    pub fn realtime_error_ns(&self) -> i64 {
+        math::diff_signed(self.guest_realtime_ns, self.host_realtime_ns)
+    }
+}
+
+/// Map a probe sample (None: no reference yet, or no offset for its vCPU).
+pub fn map_sample(
+    s: &ProbeSample,
+    offsets: &[u64],
+    refs: &[HostRef],
+    host_khz: u32,
+) -> Option<LinuxSample> {
+    let offset = *offsets.get(s.cpu)?;
+    let tsc = s.tsc_mid();
+    let host_tsc = tsc.wrapping_sub(offset);
+    Some(LinuxSample {
+        vcpu: s.cpu,
+        seq: s.seq,
+        guest_tsc: tsc,
+        guest_realtime_ns: s.realtime_ns,
+        guest_monotonic_ns: s.monotonic_ns,
+        guest_boottime_ns: s.boottime_ns,
+        host_realtime_ns: host_realtime_at(refs, host_khz, host_tsc)?,
+        tsc_offset: offset,
+    })
+}
+
+/// What a disruption did to the guest's clocks, from the last sample of a vCPU before it and
+/// the first one after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxDisruption {
+    /// vCPU.
+    pub vcpu: usize,
+    /// Guest CLOCK_REALTIME − host CLOCK_REALTIME after the disruption, ns.
+    pub realtime_error_after_ns: i64,
+    /// The same before it (the guest's standing error), ns.
+    pub realtime_error_before_ns: i64,
+    /// Host time between the two samples (the downtime plus the sampling gap), ns.
+    pub host_elapsed_ns: i64,
+    /// CLOCK_MONOTONIC advance − host elapsed, ns (0: the guest counted the downtime exactly).
+    pub monotonic_error_ns: i64,
+    /// CLOCK_BOOTTIME advance − host elapsed, ns.
+    pub boottime_error_ns: i64,
+    /// Guest TSC advance − host elapsed × guest TSC rate, ticks (0: TSC continuous).
+    pub tsc_error_ticks: i64,
+}
+
+/// Compare one vCPU's samples across a disruption; `khz` is the guest TSC rate.
+pub fn disruption(before: &LinuxSample, after: &LinuxSample, khz: u32) -> LinuxDisruption {
+    let host = math::diff_signed(after.host_realtime_ns, before.host_realtime_ns);
+    let ticks = math::diff_signed(after.guest_tsc, before.guest_tsc);
+    let expected_ticks = (i128::from(host) * i128::from(khz) / 1_000_000) as i64;
+    LinuxDisruption {
+        vcpu: after.vcpu,
+        realtime_error_after_ns: after.realtime_error_ns(),
+        realtime_error_before_ns: before.realtime_error_ns(),
+        host_elapsed_ns: host,
+        monotonic_error_ns: math::diff_signed(after.guest_monotonic_ns, before.guest_monotonic_ns)
+            .saturating_sub(host),
+        boottime_error_ns: math::diff_signed(after.guest_boottime_ns, before.guest_boottime_ns)
+            .saturating_sub(host),
+        tsc_error_ticks: ticks.saturating_sub(expected_ticks),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_is_exact_between_references_and_extrapolates_outside() {
+        let refs = [
+            HostRef {
+                host_tsc: 1_000_000,
+                realtime_ns: 10_000_000,
+            },
+            HostRef {
+                host_tsc: 3_000_000,
+                realtime_ns: 11_000_000,
+            },
+        ];
+        // 2 GHz between the references.
+        assert_eq!(
+            host_realtime_at(&refs, 2_000_000, 2_000_000),
+            Some(10_500_000)
+        );
+        assert_eq!(
+            host_realtime_at(&refs, 2_000_000, 5_000_000),
+            Some(12_000_000)
+        );
+        assert_eq!(host_realtime_at(&refs, 2_000_000, 0), Some(9_500_000));
+        assert_eq!(host_realtime_at(&[], 2_000_000, 0), None);
+        let s = ProbeSample {
+            cpu: 1,
+            seq: 0,
+            tsc0: 2_000_100,
+            realtime_ns: 10_500_070,
+            monotonic_ns: 5,
+            boottime_ns: 5,
+            tsc1: 2_000_300,
+        };
+        let m = map_sample(&s, &[0, 100], &refs, 2_000_000).unwrap();
+        assert_eq!(m.host_realtime_ns, 10_500_050);
+        assert_eq!(m.realtime_error_ns(), 20);
+        assert!(map_sample(&s, &[0], &refs, 2_000_000).is_none());
+    }
+
+    #[test]
+    fn a_continuous_guest_has_no_disruption_error() {
+        let b = LinuxSample {
+            vcpu: 0,
+            seq: 1,
+            guest_tsc: 1_000,
+            guest_realtime_ns: 1_000_000_000,
+            guest_monotonic_ns: 50,
+            guest_boottime_ns: 60,
+            host_realtime_ns: 1_000_000_000,
+            tsc_offset: 0,
+        };
+        let a = LinuxSample {
+            guest_tsc: 1_000 + 400_000_000,
+            guest_realtime_ns: 1_200_000_000,
+            guest_monotonic_ns: 200_000_050,
+            guest_boottime_ns: 200_000_060,
+            host_realtime_ns: 1_200_000_000,
+            ..b
+        };
+        let d = disruption(&b, &a, 2_000_000);
+        assert_eq!(
+            (d.monotonic_error_ns, d.boottime_error_ns, d.tsc_error_ticks),
+            (0, 0, 0)
+        );
+        assert_eq!(d.host_elapsed_ns, 200_000_000);
+        let lost = LinuxSample {
+            guest_monotonic_ns: 50 + 1_000,
+            ..a
+        };
+        assert_eq!(
+            disruption(&b, &lost, 2_000_000).monotonic_error_ns,
+            -199_999_000
+        );
+    }
+}

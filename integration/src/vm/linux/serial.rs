@@ -1,0 +1,158 @@
+//! The guest's console: a vm-superio 8250 UART at 0x3f8 (IRQ 4 through an irqfd), whose output
+//! goes to the VMM's stdout or a file and, line by line, into a bounded [`ConsoleLog`] that the
+//! probe parser and the complaint scanner read.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::probe::{self, ProbeLine, ProbeSample};
+use crate::vm::lock;
+
+/// COM1's first port.
+pub const COM1: u16 = 0x3f8;
+/// COM1's IRQ (GSI).
+pub const COM1_GSI: u32 = 4;
+/// Lines kept in the log.
+pub const MAX_LINES: usize = 4096;
+/// Probe samples kept.
+pub const MAX_SAMPLES: usize = 100_000;
+/// The longest line kept whole (longer ones are cut).
+pub const MAX_LINE: usize = 4096;
+
+/// The serial interrupt: an eventfd registered as an irqfd on GSI 4.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// What the guest printed.
+#[derive(Debug, Default)]
+pub struct ConsoleLog {
+    partial: Vec<u8>,
+    /// The last [`MAX_LINES`] lines.
+    pub lines: VecDeque<String>,
+    /// Lines seen in all.
+    pub total_lines: u64,
+    /// The probe's samples, oldest first (the last [`MAX_SAMPLES`]).
+    pub samples: VecDeque<ProbeSample>,
+    /// The guest's clocksource as the probe last reported it.
+    pub clocksource: Option<String>,
+    /// vCPUs the probe reported at start (0: no probe yet).
+    pub probe_cpus: usize,
+    /// Kernel complaints about time (clocksource watchdog, soft lockup, ...), with their line.
+    pub complaints: Vec<String>,
+    /// The probe said goodbye.
+    pub probe_done: bool,
+}
+
+impl ConsoleLog {
+    fn push_byte(&mut self, b: u8) {
+        if b == b'\n' {
+            let line = String::from_utf8_lossy(&self.partial)
+                .trim_end_matches('\r')
+                .to_string();
+            self.partial.clear();
+            self.push_line(line);
+        } else if self.partial.len() < MAX_LINE {
+            self.partial.push(b);
+        }
+    }
+
+    fn push_line(&mut self, line: String) {
+        self.total_lines += 1;
+        match probe::parse_line(&line) {
+            Some(ProbeLine::Sample(s)) => {
+                if self.samples.len() == MAX_SAMPLES {
+                    self.samples.pop_front();
+                }
+                self.samples.push_back(s);
+            }
+            Some(ProbeLine::Clocksource(c)) => self.clocksource = Some(c),
+            Some(ProbeLine::Hello { cpus }) => self.probe_cpus = cpus,
+            Some(ProbeLine::Bye) => self.probe_done = true,
+            None => {
+                if probe::is_time_complaint(&line) && self.complaints.len() < 1000 {
+                    self.complaints.push(line.clone());
+                }
+            }
+        }
+        if self.lines.len() == MAX_LINES {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+    }
+}
+
+/// The console: where output goes, and the log.
+pub struct Console {
+    out: Mutex<Box<dyn Write + Send>>,
+    /// What the guest printed.
+    pub log: Mutex<ConsoleLog>,
+}
+
+impl Console {
+    /// A console writing to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Arc<Console> {
+        Arc::new(Console {
+            out: Mutex::new(out),
+            log: Mutex::new(ConsoleLog::default()),
+        })
+    }
+}
+
+/// The UART's output side: tees into the console's sink and its log.
+pub struct ConsoleWriter(pub Arc<Console>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A broken sink (closed stdout) must not stop the guest: its output is dropped.
+        let _ = lock(&self.0.out).write_all(buf);
+        let mut log = lock(&self.0.log);
+        for b in buf {
+            log.push_byte(*b);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = lock(&self.0.out).flush();
+        Ok(())
+    }
+}
+
+/// The UART.
+pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleWriter>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_splits_lines_parses_probe_lines_and_bounds_everything() {
+        let c = Console::new(Box::new(std::io::sink()));
+        let mut w = ConsoleWriter(c.clone());
+        w.write_all(b"[    0.1] hello\r\nGCPROBE hello v=1 cpus=2 period_ms=100\nGCPROBE s cpu=1 seq=3 tsc0=10 rt=20 mono=30 boot=40 tsc1=12\n")
+            .unwrap();
+        w.write_all(b"clocksource: timekeeping watchdog on CPU1: Marking clocksource 'tsc' as unstable\npartial")
+            .unwrap();
+        let log = lock(&c.log);
+        assert_eq!(log.total_lines, 4);
+        assert_eq!(log.probe_cpus, 2);
+        assert_eq!(log.samples.len(), 1);
+        assert_eq!(log.samples[0].cpu, 1);
+        assert_eq!(log.complaints.len(), 1);
+        assert!(log.lines.iter().any(|l| l.contains("hello")));
+        drop(log);
+        w.write_all(&vec![b'x'; 10 * MAX_LINE]).unwrap();
+        w.write_all(b"\n").unwrap();
+        assert!(lock(&c.log).lines.back().unwrap().len() <= MAX_LINE);
+    }
+}
