@@ -3,95 +3,14 @@
 //! Every process is killed when its guard drops.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Proc {
-    child: Child,
-    socket: PathBuf,
-}
+mod common;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmp(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(
-        format!(
-            "clockvmm-e2e-{tag}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        )
-        .replace([' ', ':', '.'], "_"),
-    );
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
-}
-
-fn spawn(socket: &Path, args: &[&str]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_clockvmm"))
-        .arg("run")
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc {
-        child,
-        socket: socket.to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api(&p, "GET", "vm.info", None).is_err() {
-        assert!(Instant::now() < deadline, "VMM did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
-}
-
-/// Raw HTTP over the UNIX socket (independent of clockvmm's own client).
-fn api(p: &Proc, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
-    api_at(&p.socket, method, ep, body)
-}
-
-fn api_at(socket: &Path, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(s, "{method} /api/v1/{ep} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len())
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let (head, body) = out.split_once("\r\n\r\n").ok_or("no body")?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .ok_or("no status")?
-        .parse()
-        .map_err(|_| "status")?;
-    let v: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    if code >= 400 {
-        return Err(v["error"].as_str().unwrap_or("error").to_string());
-    }
-    Ok(v)
-}
+use common::*;
 
 fn samples(p: &Proc) -> u64 {
     let c = api(p, "GET", "vm.clock", None).unwrap();

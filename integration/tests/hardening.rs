@@ -6,120 +6,15 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Proc {
-    child: Child,
-    socket: PathBuf,
-}
+mod common;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmp(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(
-        format!(
-            "clockvmm-h-{tag}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        )
-        .replace([' ', ':', '.'], "_"),
-    );
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
-}
-
-/// The binary under test; `CLOCKVMM_BIN` runs these tests against another build (e.g. an older
-/// main, to see them fail there).
-fn clockvmm() -> Command {
-    match std::env::var_os("CLOCKVMM_BIN") {
-        Some(p) => Command::new(p),
-        None => Command::new(env!("CARGO_BIN_EXE_clockvmm")),
-    }
-}
-
-fn spawn(socket: &Path, args: &[&str]) -> Proc {
-    let child = clockvmm()
-        .arg("run")
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc {
-        child,
-        socket: socket.to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while api(&p, "GET", "vm.info", None).is_err() {
-        assert!(Instant::now() < deadline, "VMM did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
-}
-
-/// Raw HTTP over the UNIX socket: (status, JSON).
-fn call(
-    socket: &Path,
-    method: &str,
-    ep: &str,
-    body: Option<Value>,
-    t: Duration,
-) -> Result<(u16, Value), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(t)).unwrap();
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(s, "{method} /api/v1/{ep} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len())
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let (head, body) = out.split_once("\r\n\r\n").ok_or("no body")?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .ok_or("no status")?
-        .parse()
-        .map_err(|_| "status")?;
-    let v: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    Ok((code, v))
-}
-
-fn api_at(socket: &Path, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
-    let (code, v) = call(socket, method, ep, body, Duration::from_secs(120))?;
-    if code >= 400 {
-        return Err(format!("{code} {}", v["error"].as_str().unwrap_or("error")));
-    }
-    Ok(v)
-}
-
-fn api(p: &Proc, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
-    api_at(&p.socket, method, ep, body)
-}
+use common::*;
 
 fn state(p: &Proc) -> String {
     api(p, "GET", "vm.info", None).unwrap()["state"]

@@ -364,17 +364,7 @@ fn tsc_by_offsets(
             ));
         }
     }
-    let worst = errs
-        .iter()
-        .copied()
-        .max_by_key(|e| e.unsigned_abs())
-        .unwrap_or(0);
-    let spread = errs
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(0)
-        .abs_diff(errs.iter().min().copied().unwrap_or(0));
+    let (worst, spread) = worst_and_spread(&errs);
     Ok((worst, spread, TscMethod::Offsets))
 }
 
@@ -392,18 +382,20 @@ fn tsc_by_msr_bracket(
         let b = sb.tsc_msr(v).map_err(|e| e.to_string())?;
         errs.push(math::diff_signed(d, math::midpoint_u64(a, b)));
     }
+    let (worst, spread) = worst_and_spread(&errs);
+    Ok((worst, spread, TscMethod::MsrBracket))
+}
+
+/// The per-vCPU error of largest magnitude (signed) and the spread max − min (the skew).
+fn worst_and_spread(errs: &[i64]) -> (i64, u64) {
     let worst = errs
         .iter()
         .copied()
         .max_by_key(|e| e.unsigned_abs())
         .unwrap_or(0);
-    let spread = errs
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(0)
-        .abs_diff(errs.iter().min().copied().unwrap_or(0));
-    Ok((worst, spread, TscMethod::MsrBracket))
+    let lo = errs.iter().min().copied().unwrap_or(0);
+    let hi = errs.iter().max().copied().unwrap_or(0);
+    (worst, hi.abs_diff(lo))
 }
 
 fn median_us(mut v: Vec<f64>) -> f64 {
