@@ -43,8 +43,9 @@ pub(crate) fn sysfs_tsc_khz() -> Option<u32> {
         .ok()
 }
 
-/// `adjtimex(2)` with no modification: status, maxerror and esterror (µs).
-pub fn ntp_state() -> Result<NtpState, BackendError> {
+/// `adjtimex(2)` with modes 0 (reads only): the kernel's whole `timex` and the clock state it
+/// returns (`TIME_OK`, `TIME_INS`, ...).
+pub(crate) fn read_adjtimex() -> Result<(libc::timex, i32), BackendError> {
     // SAFETY: an all-zero timex is a valid argument; modes 0 only reads the kernel's state
     // into the struct we own.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
@@ -56,6 +57,12 @@ pub fn ntp_state() -> Result<NtpState, BackendError> {
             std::io::Error::last_os_error()
         )));
     }
+    Ok((tx, rc))
+}
+
+/// `adjtimex(2)` with no modification: status, maxerror and esterror (µs).
+pub fn ntp_state() -> Result<NtpState, BackendError> {
+    let (tx, _) = read_adjtimex()?;
     Ok(NtpState {
         status: tx.status,
         maxerror_us: tx.maxerror,

@@ -66,17 +66,7 @@ pub struct HostTimeStatus {
 impl HostTimeStatus {
     /// Read this host's kernel.
     pub fn from_kernel() -> Result<Self, BackendError> {
-        // SAFETY: an all-zero timex is a valid argument; modes 0 only reads the kernel's state
-        // into the struct we own.
-        let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-        // SAFETY: tx is a valid, exclusively borrowed timex for the duration of the call.
-        let rc = unsafe { libc::adjtimex(&mut tx) };
-        if rc < 0 {
-            return Err(BackendError::HostInfo(format!(
-                "adjtimex: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
+        let (tx, rc) = crate::backend::host::read_adjtimex()?;
         Ok(HostTimeStatus {
             state: Some(rc),
             status: tx.status,
