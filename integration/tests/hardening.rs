@@ -33,16 +33,6 @@ fn is_model(p: &Proc) -> bool {
         .is_some_and(|b| b.starts_with("MODEL"))
 }
 
-fn samples(p: &Proc) -> u64 {
-    let c = api(p, "GET", "vm.clock", None).unwrap();
-    c["observation"]["vcpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["samples"].as_u64().unwrap())
-        .sum()
-}
-
 /// Whether the guest of `p` makes progress (on the model, whose samples are computed on demand,
 /// the VMM's state says it).
 fn guest_runs(p: &Proc) -> bool {
@@ -68,6 +58,24 @@ fn wait_exists(p: &Path) {
     while !p.exists() {
         assert!(Instant::now() < deadline, "{} did not appear", p.display());
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Connect to a receiver's migration socket. Its path appears at bind(), a moment before
+/// listen(): a connect in between is refused, a window a slow (nested TCG) machine widens, so a
+/// refusal is retried until a 60 s deadline.
+fn connect_listening(p: &Path) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match UnixStream::connect(p) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            r => return r,
+        }
     }
 }
 
@@ -112,7 +120,7 @@ fn proxy(listen: &Path, upstream: PathBuf, cut: Cut) -> JoinHandle<()> {
     let l = UnixListener::bind(listen).unwrap();
     std::thread::spawn(move || {
         let Ok((mut a, _)) = l.accept() else { return };
-        let Ok(mut b) = UnixStream::connect(&upstream) else {
+        let Ok(mut b) = connect_listening(&upstream) else {
             return;
         };
         loop {
@@ -173,7 +181,7 @@ fn proxy(listen: &Path, upstream: PathBuf, cut: Cut) -> JoinHandle<()> {
 /// A sender in the test: Start, Config (2 vCPUs, 2 MiB), Memory (zeros), then `last` (e.g.
 /// Complete without State). Returns the status of each answer.
 fn fake_sender(path: &Path, last: u16) -> Vec<u16> {
-    let mut s = UnixStream::connect(path).unwrap();
+    let mut s = connect_listening(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut statuses = Vec::new();
     let send = |s: &mut UnixStream, cmd: u16, len: u64, payload: &[u8]| -> Option<u16> {
@@ -575,7 +583,7 @@ fn trickling_peers_hit_the_deadlines() {
         &rx,
         json!({"deadlines": {"phase_ms": 3000, "total_ms": 600_000}}),
     );
-    let mut s = UnixStream::connect(&rx).unwrap();
+    let mut s = connect_listening(&rx).unwrap();
     let trickle = std::thread::spawn(move || {
         for b in header(1, 0) {
             if s.write_all(&[b]).is_err() {
