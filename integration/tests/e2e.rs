@@ -12,16 +12,6 @@ mod common;
 
 use common::*;
 
-fn samples(p: &Proc) -> u64 {
-    let c = api(p, "GET", "vm.clock", None).unwrap();
-    c["observation"]["vcpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["samples"].as_u64().unwrap())
-        .sum()
-}
-
 fn model_args() -> Vec<&'static str> {
     // Exercise the model too where KVM is absent: the binary falls back by itself.
     vec![]

@@ -119,6 +119,27 @@ pub enum VmError {
     Invalid(String),
 }
 
+/// `size` bytes of guest memory at GPA 0, registered with `vm` as slot 0. The caller keeps the
+/// returned mapping alive as long as the VM (both engines store it beside the VM fd).
+fn guest_memory(vm: &VmFd, size: usize) -> Result<GuestMemoryMmap, VmError> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| VmError::Memory(e.to_string()))?;
+    let host_addr = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| VmError::Memory(e.to_string()))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: size as u64,
+        userspace_addr: host_addr as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is backed by `mem`, which the caller keeps alive as long as the VM.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| kvm_err("KVM_SET_USER_MEMORY_REGION", e))?;
+    Ok(mem)
+}
+
 fn kvm_err(op: &'static str, e: vmm_sys_util::errno::Error) -> VmError {
     VmError::Kvm {
         op,
@@ -315,22 +336,7 @@ impl Vm {
         let vm = kvm
             .create_vm()
             .map_err(|e| format!("KVM_CREATE_VM failed ({e})"))?;
-        let size = cfg.memory_mib << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-            .map_err(|e| format!("guest memory: {e}"))?;
-        let host_addr = mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| format!("guest memory: {e}"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: size as u64,
-            userspace_addr: host_addr as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is backed by `mem`, which the Engine keeps alive as long as the VM.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+        let mem = guest_memory(&vm, cfg.memory_mib << 20).map_err(|e| e.to_string())?;
         mem.write_slice(&GUEST_CODE, GuestAddress(CODE_GPA))
             .map_err(|e| format!("guest memory: {e}"))?;
         let mut vcpus = Vec::with_capacity(cfg.vcpus);

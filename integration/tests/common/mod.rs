@@ -119,3 +119,14 @@ pub fn api_at(socket: &Path, method: &str, ep: &str, body: Option<Value>) -> Res
 pub fn api(p: &Proc, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
     api_at(&p.socket, method, ep, body)
 }
+
+/// Guest samples taken so far, over all vCPUs (the tiny guest's loop count).
+pub fn samples(p: &Proc) -> u64 {
+    let c = api(p, "GET", "vm.clock", None).unwrap();
+    c["observation"]["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["samples"].as_u64().unwrap())
+        .sum()
+}

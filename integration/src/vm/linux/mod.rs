@@ -24,11 +24,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use guest_clock::backend::host;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::vcpu::Shared;
@@ -186,21 +186,7 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
     .map_err(|e| kvm_err("KVM_CREATE_PIT2", e))?;
 
     let size = cfg.memory_mib << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-        .map_err(|e| VmError::Memory(e.to_string()))?;
-    let host_addr = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| VmError::Memory(e.to_string()))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: size as u64,
-        userspace_addr: host_addr as u64,
-        flags: 0,
-    };
-    // SAFETY: the region is backed by `mem`, which the VM's engine keeps alive as long as the VM.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| kvm_err("KVM_SET_USER_MEMORY_REGION", e))?;
+    let mem = super::guest_memory(&vm, size)?;
 
     let initrd = match &lc.initrd {
         Some(p) => read_bounded(p, size as u64)?,
