@@ -290,6 +290,17 @@ impl<M: Borrow<VmFd> + Send + Sync, V: VcpuFds> KvmBackend<M, V> {
         self.info.host_tsc_khz
     }
 
+    /// vCPU `vcpu`'s guest TSC rate as last read or set through this backend, without a vCPU
+    /// ioctl (None: never read yet). For a VMM's status paths, which must not wait for a vCPU
+    /// that sits in KVM_RUN: KVM holds the vCPU's mutex for the whole of KVM_RUN, so any vCPU
+    /// ioctl from another thread waits until the guest exits.
+    pub fn tsc_khz_seen(&self, vcpu: usize) -> Option<u32> {
+        self.khz_seen
+            .get(vcpu)
+            .map(|k| k.load(Ordering::Relaxed))
+            .filter(|&k| k != 0)
+    }
+
     /// Run `f` on vCPU `vcpu`.
     fn on<R>(&self, vcpu: usize, f: impl FnOnce(&VcpuFd) -> Result<R>) -> Result<R> {
         self.vcpus
