@@ -45,6 +45,16 @@ pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, String> {
 /// Create (or truncate) `path` for writing, mode 0600: never through a symlink, only over a
 /// regular file.
 pub fn create_regular(path: &Path) -> Result<File, String> {
+    open_for_writing(path, false)
+}
+
+/// Create `path` or append to it, with [`create_regular`]'s checks (a guest's console log that
+/// continues across live updates).
+pub fn append_regular(path: &Path) -> Result<File, String> {
+    open_for_writing(path, true)
+}
+
+fn open_for_writing(path: &Path, append: bool) -> Result<File, String> {
     let shown = path.display();
     // Refuse what is there before opening: O_TRUNC on a FIFO or device would act on it.
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -57,7 +67,8 @@ pub fn create_regular(path: &Path) -> Result<File, String> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(!append)
+        .append(append)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)

@@ -186,7 +186,7 @@ impl Vmm {
     pub fn clock(&self) -> VmmResult<Value> {
         let vm = self.vm()?;
         let now = vm.observe()?;
-        let khz = vm.clock_backend().tsc_khz(0).unwrap_or(0);
+        let khz = vm.guest_tsc_khz();
         let mut errors = Vec::new();
         if let Some(before) = &self.before {
             for a in &now.vcpus {
@@ -237,6 +237,9 @@ impl Vmm {
             CLOCK_SNAPSHOT_ID.to_string(),
             clock.snapshot().map_err(VmmError::failed)?,
         );
+        for (id, child) in self.vm()?.save_machine()? {
+            root.add_snapshot(id, child);
+        }
         Ok(root)
     }
 
@@ -283,6 +286,8 @@ impl Vmm {
         let state = clock_state_from_snapshot(&file.snapshot).map_err(|e| {
             VmmError::bad(format!("clock section refused before creating the VM: {e}"))
         })?;
+        let machine = machine_state(&file.snapshot, &file.config)
+            .map_err(|e| VmmError::bad(format!("refused before creating the VM: {e}")))?;
         let want = memory_bytes(&file.config)?;
         let (mut mem, have) = crate::files::open_regular(&dir.join(MEMORY_FILE), want)
             .map_err(|e| VmmError::bad(format!("refused before creating the VM: {e}")))?;
@@ -300,6 +305,9 @@ impl Vmm {
         let vm = self.create(&file.config)?;
         let result = (|| {
             vm.load_memory(&mut mem)?;
+            if let Some(m) = &machine {
+                vm.restore_machine(m)?;
+            }
             let clock = self.clock.as_mut().ok_or(VmmError::NoVm)?;
             clock.set_restore_options(options);
             clock.restore_state(&state).map_err(restore_error)
@@ -358,8 +366,12 @@ impl Vmm {
             rq(&mut s, Request::start(), &[])?;
             let cfg = migration::config_payload(vm.config());
             rq(&mut s, Request::config(cfg.len() as u64), &cfg)?;
-            // Memory: the table, then its bytes (the guest keeps running meanwhile; its memory
-            // holds no state the clocks depend on).
+            // Memory: the table, then its bytes. The tiny guest keeps running meanwhile (its
+            // memory holds no state the clocks depend on); a Linux guest's memory is its
+            // state, sent with the vCPUs paused (no dirty-page tracking here).
+            if vm.config().linux.is_some() {
+                self.pause().map_err(|e| e.to_string())?;
+            }
             let table = migration::memory_table(vm.memory_size());
             let mut payload = Vec::new();
             table.write_to(&mut payload).map_err(|e| e.to_string())?;
@@ -542,6 +554,10 @@ impl Vmm {
                     .map_err(|e| VmmError::bad(format!("bad State: {e}")))?;
                 let state = clock_state_from_snapshot(&st.snapshot)
                     .map_err(|e| VmmError::bad(e.to_string()))?;
+                let cfg = rx.config.as_ref().ok_or(VmmError::NoVm)?;
+                if let Some(m) = machine_state(&st.snapshot, cfg)? {
+                    self.vm()?.restore_machine(&m)?;
+                }
                 // The receiver's policy; the sender's hint may only add signalling.
                 let mut opts = options.clone();
                 opts.always_signal |= st.hint.always_signal;
@@ -593,6 +609,19 @@ fn restore_error(e: guest_clock::restore::RestoreError) -> VmmError {
         guest_clock::restore::RestoreError::Refused { .. } => VmmError::bad(e),
         other => VmmError::failed(other),
     }
+}
+
+/// A Linux guest's machine state from a snapshot tree (None: the tiny guest, which has none).
+fn machine_state(
+    root: &vm_migration::Snapshot,
+    cfg: &VmConfig,
+) -> VmmResult<Option<crate::vm::linux::state::MachineState>> {
+    if cfg.linux.is_none() {
+        return Ok(None);
+    }
+    crate::vm::linux::state::MachineState::from_snapshot(root, cfg.vcpus)
+        .map(Some)
+        .map_err(VmmError::bad)
 }
 
 /// The guest memory size a configuration asks for, bytes.

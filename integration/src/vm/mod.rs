@@ -415,6 +415,105 @@ impl Vm {
         }
     }
 
+    /// The machine state beyond memory and clocks, as CH-shaped snapshot children (a Linux
+    /// guest: `cpu-manager/<n>`, `device-manager/<device>`; the tiny guest has none, its VMM
+    /// restarts its loop). The vCPUs must be paused.
+    pub fn save_machine(&self) -> Result<Vec<(String, vm_migration::Snapshot)>, VmError> {
+        let Engine::Kvm {
+            _vm: vm,
+            vcpus,
+            linux: Some(dev),
+            ..
+        } = &self.engine
+        else {
+            return Ok(Vec::new());
+        };
+        if self.started.load(Ordering::SeqCst) && !self.is_paused() {
+            return Err(VmError::Invalid(
+                "the machine state is saved with the vCPUs paused".into(),
+            ));
+        }
+        let mut states = Vec::with_capacity(vcpus.len());
+        for v in vcpus {
+            states.push(linux::state::capture_vcpu(&lock(v), &dev.msr_indices)?);
+        }
+        let (irqchips, pit) = linux::state::capture_chips(vm)?;
+        let m = linux::state::MachineState {
+            vcpus: states,
+            irqchips,
+            pit,
+            serial: dev.serial_state(),
+        };
+        m.to_snapshots()
+    }
+
+    /// Restore what [`Vm::save_machine`] saved into this (created, not started) VM, up to the
+    /// plugin: everything but the late MSRs, which [`Vm::start`] writes after the plugin's
+    /// clock restore (see [`linux::state`] for the contract).
+    pub fn restore_machine(&self, m: &linux::state::MachineState) -> Result<(), VmError> {
+        let Engine::Kvm {
+            _vm: vm,
+            vcpus,
+            linux: Some(dev),
+            ..
+        } = &self.engine
+        else {
+            return Ok(());
+        };
+        if self.started.load(Ordering::SeqCst) {
+            return Err(VmError::Invalid(
+                "machine state restores into a VM that has not run".into(),
+            ));
+        }
+        if m.vcpus.len() != vcpus.len() {
+            return Err(VmError::Invalid(format!(
+                "snapshot has {} vCPUs, the VM {}",
+                m.vcpus.len(),
+                vcpus.len()
+            )));
+        }
+        linux::state::restore_chips(vm, &m.irqchips, &m.pit)?;
+        let mut late = Vec::with_capacity(vcpus.len());
+        for (n, (v, s)) in vcpus.iter().zip(&m.vcpus).enumerate() {
+            late.push(linux::state::restore_vcpu_early(&lock(v), s, n)?);
+        }
+        dev.restore_serial(&m.serial)?;
+        *lock(&dev.late_msrs) = late;
+        info!(
+            "machine state restored: {} vCPUs, irqchip, PIT, COM1",
+            vcpus.len()
+        );
+        Ok(())
+    }
+
+    /// Write the late MSRs of a machine restore (after the plugin restored the clocks).
+    fn write_late_msrs(&self) -> Result<(), VmError> {
+        let Engine::Kvm {
+            vcpus,
+            linux: Some(dev),
+            ..
+        } = &self.engine
+        else {
+            return Ok(());
+        };
+        let late = std::mem::take(&mut *lock(&dev.late_msrs));
+        for (v, msrs) in vcpus.iter().zip(&late) {
+            linux::state::write_msrs(&lock(v), msrs)?;
+        }
+        Ok(())
+    }
+
+    /// The guest TSC rate of vCPU 0, kHz, for status answers: never a vCPU ioctl on a running
+    /// VM (a Linux vCPU idles inside KVM_RUN, which holds the vCPU; an ioctl from the API
+    /// thread — or this VMM's per-vCPU mutex — would wait for its next exit, and the vCPU
+    /// thread, relocking at once, can starve it indefinitely).
+    pub fn guest_tsc_khz(&self) -> u32 {
+        match &self.engine {
+            Engine::Kvm { kvm, .. } => kvm.tsc_khz_seen(0).unwrap_or(kvm.host_tsc_khz()),
+            Engine::Model { .. } => self.backend.tsc_khz(0).unwrap_or(0),
+        }
+    }
+
     /// The backend kind.
     pub fn backend_kind(&self) -> &BackendKind {
         &self.kind
@@ -460,8 +559,14 @@ impl Vm {
         self.vmclock.clone()
     }
 
-    /// Start the vCPU threads (KVM) — the model computes samples on demand.
+    /// Start the vCPU threads (KVM) — the model computes samples on demand. After a machine
+    /// restore this first writes the late MSRs (TSC deadline, kvmclock wall clock): call it
+    /// after the plugin's `ClockManager::restore`.
     pub fn start(&self) -> Result<(), VmError> {
+        if self.started.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.write_late_msrs()?;
         if self.started.swap(true, Ordering::SeqCst) {
             return Ok(());
         }

@@ -14,8 +14,6 @@ pub mod layout;
 pub mod measure;
 pub mod probe;
 pub mod serial;
-// The MSR ordering contract; not wired into snapshots yet (see the module's status note).
-#[cfg_attr(not(test), allow(dead_code))]
 pub mod state;
 
 use std::io::Read;
@@ -78,6 +76,13 @@ pub struct LinuxDevices {
     pub offsets: Mutex<Vec<u64>>,
     /// (host TSC, host realtime) references from KVM_GET_CLOCK.
     pub refs: Mutex<std::collections::VecDeque<measure::HostRef>>,
+    /// The MSRs a vCPU's state holds (KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Vec<u32>,
+    /// COM1's interrupt (an irqfd), for a UART rebuilt from a snapshot.
+    pub irq: EventFd,
+    /// Per vCPU, the MSRs a restore writes after the plugin ([`state::MsrPhase::AfterClock`]);
+    /// written by the VM's start.
+    pub late_msrs: Mutex<Vec<state::MsrList>>,
 }
 
 /// The Linux guest's clocks as the probe reported them, mapped to host time.
@@ -96,6 +101,28 @@ pub struct LinuxObservation {
 }
 
 impl LinuxDevices {
+    /// COM1's registers.
+    pub fn serial_state(&self) -> state::SerialRegs {
+        lock(&self.uart).state().into()
+    }
+
+    /// Rebuild COM1 from saved registers (same interrupt, same console).
+    pub fn restore_serial(&self, regs: &state::SerialRegs) -> Result<(), VmError> {
+        let evt = self.irq.try_clone().map_err(|e| VmError::Kvm {
+            op: "eventfd dup",
+            source: e,
+        })?;
+        let uart = Uart::from_state(
+            &regs.into(),
+            IrqTrigger(evt),
+            vm_superio::serial::NoEvents,
+            ConsoleWriter(self.console.clone()),
+        )
+        .map_err(|e| VmError::Invalid(format!("snapshot section serial: {e:?}")))?;
+        *lock(&self.uart) = uart;
+        Ok(())
+    }
+
     /// Record a (host TSC, realtime) reference.
     pub fn add_ref(&self, r: measure::HostRef) {
         let mut refs = lock(&self.refs);
@@ -220,7 +247,7 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
 
     let out: Box<dyn std::io::Write + Send> = match &lc.serial {
         Some(p) => Box::new(
-            crate::files::create_regular(p)
+            crate::files::append_regular(p)
                 .map_err(|e| VmError::Invalid(format!("--serial {}: {e}", p.display())))?,
         ),
         None => Box::new(std::io::stdout()),
@@ -232,7 +259,19 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
     })?;
     vm.register_irqfd(&evt, COM1_GSI)
         .map_err(|e| kvm_err("KVM_IRQFD (COM1)", e))?;
-    let uart = Uart::new(IrqTrigger(evt), ConsoleWriter(console.clone()));
+    let uart = Uart::new(
+        IrqTrigger(evt.try_clone().map_err(|e| VmError::Kvm {
+            op: "eventfd dup",
+            source: e,
+        })?),
+        ConsoleWriter(console.clone()),
+    );
+    state::check_xsave_size(&vm)?;
+    let msr_indices = kvm
+        .get_msr_index_list()
+        .map_err(|e| kvm_err("KVM_GET_MSR_INDEX_LIST", e))?
+        .as_slice()
+        .to_vec();
 
     let template = cpuid::from_kvm(
         &kvm,
@@ -275,6 +314,9 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
             stopped: Mutex::new(None),
             offsets: Mutex::new(vec![0; cfg.vcpus]),
             refs: Mutex::new(std::collections::VecDeque::new()),
+            msr_indices,
+            irq: evt,
+            late_msrs: Mutex::new(Vec::new()),
         }),
     })
 }
@@ -352,6 +394,12 @@ pub(super) fn vcpu_loop(
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
+        if shared.pause_requested.load(Ordering::SeqCst) {
+            if let Flow::Stop(why) = complete_pending_exit(&vcpu, &dev) {
+                stop_guest(id, &why, &shared, &dev);
+                return;
+            }
+        }
         if shared.park_if_requested() {
             continue;
         }
@@ -364,12 +412,32 @@ pub(super) fn vcpu_loop(
             }
         };
         if let Flow::Stop(why) = flow {
-            info!("vCPU {id}: {why}; the guest stops");
-            lock(&dev.stopped).get_or_insert(why);
-            shared.stop.store(true, Ordering::SeqCst);
-            shared.kick_all();
-            shared.cv.notify_all();
+            stop_guest(id, &why, &shared, &dev);
             return;
         }
     }
+}
+
+fn stop_guest(id: usize, why: &str, shared: &Shared, dev: &LinuxDevices) {
+    info!("vCPU {id}: {why}; the guest stops");
+    lock(&dev.stopped).get_or_insert(why.to_string());
+    shared.stop.store(true, Ordering::SeqCst);
+    shared.kick_all();
+    shared.cv.notify_all();
+}
+
+/// Before a vCPU parks for a save: one KVM_RUN with `immediate_exit` set, which completes what
+/// the last exit left pending (the data of an IN or an MMIO read goes into the registers at the
+/// next entry) and returns EINTR without running the guest. Without it a saved RAX could miss
+/// the byte the guest was reading.
+fn complete_pending_exit(vcpu: &Mutex<VcpuFd>, dev: &LinuxDevices) -> Flow {
+    let mut v = lock(vcpu);
+    v.set_kvm_immediate_exit(1);
+    let flow = match v.run() {
+        Ok(exit) => handle_exit(exit, dev),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Flow::Go,
+        Err(e) => Flow::Stop(format!("KVM_RUN (immediate exit): {e}")),
+    };
+    v.set_kvm_immediate_exit(0);
+    flow
 }
