@@ -166,26 +166,7 @@ fn step(n: usize, text: &str) {
     println!("[{n}/4] {text}");
 }
 
-/// Run the demo.
-/// Why the demo cannot live-update/migrate a Linux guest here (always a reason today: the
-/// Linux guest boots and reports its clocks, but its whole-VM state — registers, MSRs, LAPIC,
-/// irqchip, PIT, serial — is not saved and restored yet, so it cannot cross a disruption).
-pub fn linux_unavailable(kernel: Option<&std::path::Path>, model: bool) -> String {
-    let flavour = guest_clock::backend::host::kvm_flavour();
-    if model {
-        "--model: a Linux guest needs real KVM".into()
-    } else if flavour == "kvm_pvm" {
-        crate::vm::linux::PVM_REASON.into()
-    } else if kernel.is_none() {
-        "no --kernel given".into()
-    } else {
-        format!(
-            "the Linux guest boots on this {flavour} (clockvmm run --kernel), but its whole-VM \
-             state is not yet carried across a live update or migration (issue 11, item 3)"
-        )
-    }
-}
-
+/// Run the demo (the tiny guest).
 pub fn run(vcpus: usize, downtime_ms: u64, skew_ns: i64, model: bool) -> Result<(), String> {
     let dir = TempDir::new("demo")?;
     let extra: Vec<String> = {

@@ -15,6 +15,7 @@ mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use guest_clock::restore::{RestoreMode, RestoreOptions};
@@ -94,6 +95,13 @@ enum Cmd {
         /// Fewer repetitions (CI smoke run).
         #[arg(long)]
         quick: bool,
+        /// The guest: `tiny` (strategies × backends, scaling, drift) or `linux` (the strategies
+        /// measured by a real Linux guest's own clocks, both clocksources; needs --kernel).
+        #[arg(long, default_value = "tiny", value_parser = ["tiny", "linux"])]
+        guest: String,
+        /// The bzImage for `--guest linux`.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
     },
     /// Print a clock section (raw framed file, or a snapshot directory).
     Inspect {
@@ -329,15 +337,35 @@ fn main() -> ExitCode {
             guest,
             kernel,
         } => {
-            if guest == "linux" {
-                println!(
-                    "clockvmm demo: --guest linux: {}; using the tiny guest",
-                    demo::linux_unavailable(kernel.as_deref(), model)
-                );
+            let why_not = bench::linux::unavailable(kernel.as_deref(), model);
+            match (guest.as_str(), why_not, kernel) {
+                ("linux", None, Some(k)) => {
+                    bench::run_linux(&k, Duration::from_millis(downtime_ms), skew_ns, None)
+                }
+                ("linux", why, _) => {
+                    println!(
+                        "clockvmm demo: --guest linux: {}; using the tiny guest",
+                        why.unwrap_or_else(|| "no --kernel given".into())
+                    );
+                    demo::run(vcpus, downtime_ms, skew_ns, model)
+                }
+                _ => demo::run(vcpus, downtime_ms, skew_ns, model),
             }
-            demo::run(vcpus, downtime_ms, skew_ns, model)
         }
-        Cmd::Bench { json, svg, quick } => bench::run(json.as_deref(), svg.as_deref(), quick),
+        Cmd::Bench {
+            json,
+            svg,
+            quick,
+            guest,
+            kernel,
+        } => match (guest.as_str(), kernel) {
+            ("linux", Some(k)) => match bench::linux::unavailable(Some(&k), false) {
+                None => bench::run_linux(&k, Duration::from_millis(200), 250_000, json.as_deref()),
+                Some(why) => Err(format!("--guest linux: {why}")),
+            },
+            ("linux", None) => Err("--guest linux needs --kernel BZIMAGE".into()),
+            _ => bench::run(json.as_deref(), svg.as_deref(), quick),
+        },
         Cmd::Inspect { path } => inspect::run(&path),
     };
     match r {

@@ -14,6 +14,7 @@
 //! 2. Scaling: capture and restore wall time and section size for 1, 2, 8, 64, 256 vCPUs.
 //! 3. Drift: 1,000 consecutive live updates on the model.
 
+pub mod linux;
 pub mod strategies;
 
 use std::path::Path;
@@ -555,6 +556,52 @@ pub fn nested_under(flavour: &str) -> Option<String> {
         "" => "a hypervisor".to_string(),
         v => v.to_string(),
     })
+}
+
+/// `bench|demo --guest linux`: the strategy chain of [`linux`] on a real Linux guest, printed
+/// and, with `json_path`, written with the machine and KVM flavour.
+pub fn run_linux(
+    kernel: &Path,
+    downtime: Duration,
+    skew_ns: i64,
+    json_path: Option<&Path>,
+) -> Result<(), String> {
+    let flavour = guest_clock::backend::host::kvm_flavour();
+    let nested = nested_under(flavour);
+    println!(
+        "clockvmm --guest linux: KVM {flavour}{}; kernel {}; downtime {downtime:?}, migration \
+         skew {skew_ns:+} ns",
+        nested
+            .as_deref()
+            .map(|n| format!(" (nested under {n})"))
+            .unwrap_or_default(),
+        kernel.display()
+    );
+    println!("machine: {}", machine());
+    let dir = crate::demo::TempDir::new("linux-bench")?;
+    let cfg = linux::LinuxBenchConfig {
+        kernel: kernel.to_path_buf(),
+        downtime,
+        skew_ns,
+        console_dir: dir.0.clone(),
+    };
+    let rows = linux::run(&cfg)?;
+    println!();
+    linux::print_table(&rows, skew_ns);
+    if let Some(p) = json_path {
+        let doc = json!({
+            "machine": machine(),
+            "kvm": flavour,
+            "nested": nested.is_some(),
+            "nested_under": nested,
+            "downtime_ms": downtime.as_millis() as u64,
+            "skew_ns": skew_ns,
+            "linux": rows,
+        });
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Run the benchmark.

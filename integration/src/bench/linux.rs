@@ -1,0 +1,341 @@
+//! The restore strategies measured by a real Linux guest's own clocks (`clockvmm demo|bench
+//! --guest linux`): for each guest clocksource (kvm-clock; tsc, with the invariant TSC
+//! advertised) one guest boots, then goes through a chain of disruptions — per strategy a live
+//! update (same host) and a live migration (destination wallclock skewed) — each into a new VM
+//! built from the old one's whole state (memory, vCPU state, irqchip, PIT, serial) with the
+//! strategy restoring the clocks. The guest probe's samples before and after each hop give:
+//!
+//! - CLOCK_REALTIME error = (guest − host realtime after) − (guest − host before) − skew: 0 when
+//!   the guest's wall clock follows the destination's (host + skew);
+//! - CLOCK_MONOTONIC error = its advance − the host time between the two samples (0: the guest
+//!   counted the downtime as time that passed);
+//! - TSC error = guest TSC advance − host time × the guest's TSC rate, ticks (0: continuous);
+//! - the kernel's complaints about time (watchdog, soft lockup, "time went backwards").
+//!
+//! The chain runs guest-clock first and naive last: a strategy that breaks the guest's clocks
+//! leaves the hops after it measuring relative to a broken guest (each hop compares the guest
+//! with itself just before, so figures stay per-hop), and a guest that stops reporting ends its
+//! chain with that reason in the table.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_clock::capture::capture;
+use guest_clock::restore::RestoreMode;
+use serde::Serialize;
+use vm_migration::Snapshot;
+
+use super::strategies::Strategy;
+use crate::vm::linux::measure::{disruption, LinuxSample};
+use crate::vm::linux::state::MachineState;
+use crate::vm::linux::{LinuxConfig, LinuxObservation};
+use crate::vm::{Vm, VmConfig};
+
+/// A guest that prints nothing for this long is stuck (no fixed deadline otherwise: the nested
+/// lane is ~10× slower than native and varies).
+const STALL: Duration = Duration::from_secs(180);
+
+/// One hop of the chain.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinuxRow {
+    /// The clocksource the guest was booted for (`kvm-clock`, `tsc`).
+    pub clocksource: String,
+    /// The one the guest reported using.
+    pub clocksource_seen: Option<String>,
+    /// Restore strategy.
+    pub strategy: &'static str,
+    /// `live update` or `live migration`.
+    pub scenario: &'static str,
+    /// Worst vCPU's CLOCK_REALTIME error (see the module doc), ns.
+    pub realtime_error_ns: Option<i64>,
+    /// Worst vCPU's CLOCK_MONOTONIC error, ns.
+    pub monotonic_error_ns: Option<i64>,
+    /// Worst vCPU's TSC error, ticks.
+    pub tsc_error_ticks: Option<i64>,
+    /// Host time between the samples compared, ns (the downtime plus sampling gaps).
+    pub host_elapsed_ns: Option<i64>,
+    /// The guest was signalled (PVCLOCK_GUEST_STOPPED).
+    pub signalled: bool,
+    /// Kernel complaints about time after the hop.
+    pub complaints: Vec<String>,
+    /// Why figures are missing (the hop failed, or the guest stopped reporting).
+    pub note: Option<String>,
+}
+
+/// What a chain run needs.
+#[derive(Debug, Clone)]
+pub struct LinuxBenchConfig {
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// Downtime of each hop.
+    pub downtime: Duration,
+    /// The migration's destination wallclock skew, ns.
+    pub skew_ns: i64,
+    /// Where the guests' consoles go (appended across hops).
+    pub console_dir: PathBuf,
+}
+
+/// Wait until every vCPU reported a sample with sequence ≥ `min_seq`.
+fn wait_samples(vm: &Vm, min_seq: u64) -> Result<LinuxObservation, String> {
+    wait_samples_within(vm, min_seq, STALL)
+}
+
+fn wait_samples_within(vm: &Vm, min_seq: u64, stall: Duration) -> Result<LinuxObservation, String> {
+    let mut last_lines = 0;
+    let mut progress = Instant::now();
+    loop {
+        let o = vm
+            .observe()
+            .map_err(|e| e.to_string())?
+            .linux
+            .ok_or("not a Linux guest")?;
+        if o.latest.len() == vm.vcpu_count() && o.latest.iter().all(|s| s.seq >= min_seq) {
+            return Ok(o);
+        }
+        if let Some(why) = &o.stopped {
+            return Err(format!("the guest stopped: {why}"));
+        }
+        if o.console_lines != last_lines {
+            last_lines = o.console_lines;
+            progress = Instant::now();
+        }
+        if progress.elapsed() > stall {
+            return Err(format!(
+                "the guest stopped reporting (console silent for {} s)",
+                stall.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Vm, String> {
+    let name = if invariant_tsc { "tsc" } else { "kvm-clock" };
+    let vm_cfg = VmConfig {
+        vcpus: 2,
+        memory_mib: 256,
+        force_model: false,
+        vm_id: crate::vm::new_vm_id(),
+        linux: Some(LinuxConfig {
+            kernel: cfg.kernel.clone(),
+            initrd: None,
+            cmdline: "gcprobe_period_ms=200".into(),
+            serial: Some(cfg.console_dir.join(format!("console-{name}.log"))),
+            invariant_tsc,
+            acpi_vmclock: false,
+        }),
+    };
+    let vm = Vm::create(&vm_cfg).map_err(|e| e.to_string())?;
+    vm.start().map_err(|e| e.to_string())?;
+    Ok(vm)
+}
+
+/// Boot and wait for the first samples; a boot that stalls before the probe reported (seen
+/// under the nested lane in about 1 of 7 `--invariant-tsc` boots, before any clock operation)
+/// is retried once, with a warning.
+fn boot_sampled(
+    cfg: &LinuxBenchConfig,
+    invariant_tsc: bool,
+) -> Result<(Vm, LinuxObservation), String> {
+    let vm = boot(cfg, invariant_tsc)?;
+    match wait_samples_within(&vm, 2, Duration::from_secs(120)) {
+        Ok(o) => Ok((vm, o)),
+        Err(e) => {
+            log::warn!("the Linux guest's boot stalled ({e}); booting it once more");
+            drop(vm);
+            let vm = boot(cfg, invariant_tsc)?;
+            let o = wait_samples_within(&vm, 2, Duration::from_secs(120))?;
+            Ok((vm, o))
+        }
+    }
+}
+
+/// The machine state through its snapshot format (what a VMM writes and reads back).
+fn machine_round_trip(vm: &Vm) -> Result<MachineState, String> {
+    let mut root = Snapshot::default();
+    for (id, child) in vm.save_machine().map_err(|e| e.to_string())? {
+        root.add_snapshot(id, child);
+    }
+    let bytes = serde_json::to_vec(&root).map_err(|e| e.to_string())?;
+    let root: Snapshot = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    MachineState::from_snapshot(&root, vm.vcpu_count()).map_err(|e| e.to_string())
+}
+
+/// Per-hop figures: the worst vCPU of each column.
+struct Figures {
+    realtime_ns: i64,
+    monotonic_ns: i64,
+    tsc_ticks: i64,
+    elapsed_ns: i64,
+}
+
+fn figures(before: &[LinuxSample], after: &[LinuxSample], khz: u32, skew_ns: i64) -> Figures {
+    let worst = |a: i64, b: i64| {
+        if b.unsigned_abs() > a.unsigned_abs() {
+            b
+        } else {
+            a
+        }
+    };
+    let mut f = Figures {
+        realtime_ns: 0,
+        monotonic_ns: 0,
+        tsc_ticks: 0,
+        elapsed_ns: 0,
+    };
+    for a in after {
+        if let Some(b) = before.iter().find(|b| b.vcpu == a.vcpu) {
+            let d = disruption(b, a, khz);
+            let moved = d.realtime_error_after_ns - d.realtime_error_before_ns;
+            f.realtime_ns = worst(f.realtime_ns, moved - skew_ns);
+            f.monotonic_ns = worst(f.monotonic_ns, d.monotonic_error_ns);
+            f.tsc_ticks = worst(f.tsc_ticks, d.tsc_error_ticks);
+            f.elapsed_ns = f.elapsed_ns.max(d.host_elapsed_ns);
+        }
+    }
+    f
+}
+
+/// One hop: pause `cur`, save everything, end it, wait the downtime, build a new VM from the
+/// saved state with strategy `s` restoring the clocks, run it until it reported again.
+fn hop(
+    cur: Vm,
+    s: Strategy,
+    migration: bool,
+    cfg: &LinuxBenchConfig,
+    row: &mut LinuxRow,
+) -> Result<Vm, String> {
+    cur.pause().map_err(|e| e.to_string())?;
+    let before = cur
+        .observe()
+        .map_err(|e| e.to_string())?
+        .linux
+        .ok_or("not a Linux guest")?;
+    let state = capture(cur.clock_backend().as_ref(), 0).map_err(|e| e.to_string())?;
+    let machine = machine_round_trip(&cur)?;
+    let mut memory = Vec::new();
+    cur.save_memory(&mut memory).map_err(|e| e.to_string())?;
+    let vm_cfg = cur.config().clone();
+    drop(cur);
+    std::thread::sleep(cfg.downtime);
+    let dst = Vm::create(&vm_cfg).map_err(|e| e.to_string())?;
+    dst.load_memory(&mut memory.as_slice())
+        .map_err(|e| e.to_string())?;
+    dst.restore_machine(&machine).map_err(|e| e.to_string())?;
+    let (mode, skew) = if migration {
+        (RestoreMode::LiveMigration, cfg.skew_ns)
+    } else {
+        (RestoreMode::LiveUpdate, 0)
+    };
+    row.signalled = s.apply(dst.clock_backend().as_ref(), &state, mode, skew)?;
+    dst.start().map_err(|e| e.to_string())?;
+    let last = before.latest.iter().map(|x| x.seq).max().unwrap_or(0);
+    let after = wait_samples(&dst, last + 3)?;
+    let khz = dst.clock_backend().tsc_khz(0).map_err(|e| e.to_string())?;
+    let f = figures(&before.latest, &after.latest, khz, skew);
+    row.realtime_error_ns = Some(f.realtime_ns);
+    row.monotonic_error_ns = Some(f.monotonic_ns);
+    row.tsc_error_ticks = Some(f.tsc_ticks);
+    row.host_elapsed_ns = Some(f.elapsed_ns);
+    row.complaints = after.complaints.clone();
+    row.clocksource_seen = after.clocksource.clone();
+    Ok(dst)
+}
+
+/// Run the chain for both clocksources. Never fails once a guest booted: a failed hop is a row
+/// with its reason, and the rest of that chain is marked as not run.
+pub fn run(cfg: &LinuxBenchConfig) -> Result<Vec<LinuxRow>, String> {
+    let mut rows = Vec::new();
+    for (invariant_tsc, name) in [(false, "kvm-clock"), (true, "tsc")] {
+        let (vm, first) = boot_sampled(cfg, invariant_tsc)?;
+        let mut cur = Some(vm);
+        log::info!(
+            "Linux guest ({name} requested) reports clocksource {:?}",
+            first.clocksource
+        );
+        for s in Strategy::ALL.iter().rev() {
+            for migration in [false, true] {
+                let mut row = LinuxRow {
+                    clocksource: name.into(),
+                    clocksource_seen: first.clocksource.clone(),
+                    strategy: s.name(),
+                    scenario: if migration {
+                        "live migration"
+                    } else {
+                        "live update"
+                    },
+                    realtime_error_ns: None,
+                    monotonic_error_ns: None,
+                    tsc_error_ticks: None,
+                    host_elapsed_ns: None,
+                    signalled: false,
+                    complaints: Vec::new(),
+                    note: None,
+                };
+                match cur.take() {
+                    None => row.note = Some("not run: an earlier hop of this chain failed".into()),
+                    Some(vm) => match hop(vm, *s, migration, cfg, &mut row) {
+                        Ok(next) => cur = Some(next),
+                        Err(e) => row.note = Some(e),
+                    },
+                }
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn cell(v: Option<i64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// Print the table.
+pub fn print_table(rows: &[LinuxRow], skew_ns: i64) {
+    println!(
+        "{:<10} {:<13} {:<15} {:>14} {:>14} {:>12} {:>9}  complaints / note",
+        "clocksrc", "strategy", "scenario", "REALTIME ns", "MONOTONIC ns", "TSC ticks", "signalled"
+    );
+    for r in rows {
+        let tail = match (&r.note, r.complaints.len()) {
+            (Some(n), _) => n.clone(),
+            (None, 0) => "none".into(),
+            (None, n) => format!("{n}: {}", r.complaints[0]),
+        };
+        println!(
+            "{:<10} {:<13} {:<15} {:>14} {:>14} {:>12} {:>9}  {}",
+            r.clocksource_seen.as_deref().unwrap_or(&r.clocksource),
+            r.strategy,
+            r.scenario,
+            cell(r.realtime_error_ns),
+            cell(r.monotonic_error_ns),
+            cell(r.tsc_error_ticks),
+            if r.signalled { "yes" } else { "no" },
+            tail
+        );
+    }
+    println!();
+    println!("The Linux guest's own clocks across each hop (worst vCPU; 0 is perfect):");
+    println!("- REALTIME: change of guest CLOCK_REALTIME − host realtime, minus the destination's");
+    println!(
+        "  skew ({skew_ns:+} ns on migration): the guest's wall clock should follow the host's;"
+    );
+    println!("- MONOTONIC: CLOCK_MONOTONIC advance − host time elapsed (the downtime counted);");
+    println!("- TSC: guest TSC advance − host time × TSC rate (continuous TSC).");
+}
+
+/// Why the Linux demo cannot run here (None: it can).
+pub fn unavailable(kernel: Option<&Path>, model: bool) -> Option<String> {
+    let flavour = guest_clock::backend::host::kvm_flavour();
+    if model {
+        Some("--model: a Linux guest needs real KVM".into())
+    } else if flavour == "kvm_pvm" {
+        Some(crate::vm::linux::PVM_REASON.into())
+    } else if !Path::new("/dev/kvm").exists() {
+        Some("no /dev/kvm".into())
+    } else if kernel.is_none() {
+        Some("no --kernel given".into())
+    } else {
+        None
+    }
+}
