@@ -12,13 +12,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-struct Proc(Child, PathBuf);
+/// A VMM process, killed on drop.
+struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+/// A test directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -46,10 +55,15 @@ fn kernel() -> Result<PathBuf, String> {
 }
 
 fn api(socket: &Path, method: &str, ep: &str) -> Result<Value, String> {
+    api_with(socket, method, ep, None)
+}
+
+fn api_with(socket: &Path, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(s, "{method} /api/v1/{ep} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    let b = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(s, "{method} /api/v1/{ep} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len())
         .map_err(|e| e.to_string())?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
@@ -61,35 +75,71 @@ fn api(socket: &Path, method: &str, ep: &str) -> Result<Value, String> {
     Ok(v)
 }
 
-fn boot(k: &Path, extra: &[&str]) -> (Proc, PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "clockvmm-linux-{}-{}",
-        std::process::id(),
-        extra.len()
-    ));
+fn test_dir(tag: &str) -> Dir {
+    let dir = std::env::temp_dir().join(format!("clockvmm-linux-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("api.sock");
-    let serial = dir.join("serial.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_clockvmm"))
-        .args(["run", "--vcpus", "2", "--memory-mib", "256", "--api-socket"])
+    Dir(dir)
+}
+
+/// Boot the Linux guest in a new VMM: (process, its directory, API socket, console file).
+fn boot(k: &Path, tag: &str, extra: &[&str]) -> (Proc, Dir, PathBuf, PathBuf) {
+    let dir = test_dir(tag);
+    let sock = dir.0.join("api.sock");
+    let serial = dir.0.join("serial.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clockvmm"));
+    cmd.args(["run", "--vcpus", "2", "--memory-mib", "256", "--api-socket"])
         .arg(&sock)
         .arg("--kernel")
         .arg(k)
         .arg("--serial")
         .arg(&serial)
         .args(["--cmdline", "gcprobe_period_ms=300"])
-        .args(extra)
-        .stdin(Stdio::null())
+        .args(extra);
+    (Proc(start(cmd)), dir, sock, serial)
+}
+
+fn start(mut cmd: Command) -> Child {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap();
-    (Proc(child, dir), sock, serial)
+        .unwrap()
 }
 
-/// Wait (guest time is ~10× slower nested) until every vCPU reported `n` samples.
-fn wait_samples(sock: &Path, serial: &Path, min_seq: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(600);
+/// A VMM without a VM (a restore or migration target) on `sock`; its console goes to `serial`
+/// once it has a guest (the source's `--serial` path travels with the configuration, so the
+/// receiver gets its own through the restored config's path — here the same directory).
+fn empty_vmm(sock: &Path) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clockvmm"));
+    cmd.args(["run", "--no-vm", "--api-socket"]).arg(sock);
+    let c = start(cmd);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api(sock, "GET", "vm.info").is_err() {
+        assert!(Instant::now() < deadline, "the VMM did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proc(c)
+}
+
+/// The console's last `n` lines (a failure shows where the guest was).
+fn console_tail(serial: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Wait until every vCPU reported a sample with sequence ≥ `min_seq`. No fixed deadline (the
+/// nested lane is ~10× slower than native and varies): the wait fails only when the guest
+/// stopped, or its console stopped growing for `stall` — a guest that prints nothing for that
+/// long is stuck.
+fn try_wait_samples(
+    sock: &Path,
+    serial: &Path,
+    min_seq: u64,
+    stall: Duration,
+) -> Result<Value, String> {
+    let mut last_len = 0;
+    let mut last_progress = Instant::now();
     loop {
         if let Ok(c) = api(sock, "GET", "vm.clock") {
             let latest = c["observation"]["linux"]["latest"]
@@ -101,21 +151,53 @@ fn wait_samples(sock: &Path, serial: &Path, min_seq: u64) -> Value {
                     .iter()
                     .all(|s| s["seq"].as_u64().unwrap_or(0) >= min_seq)
             {
-                return c;
+                return Ok(c);
             }
             if let Some(why) = c["observation"]["linux"]["stopped"].as_str() {
-                panic!(
+                return Err(format!(
                     "the guest stopped: {why}\n{}",
-                    std::fs::read_to_string(serial).unwrap_or_default()
-                );
+                    console_tail(serial, 80)
+                ));
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "no probe samples; console:\n{}",
-            std::fs::read_to_string(serial).unwrap_or_default()
-        );
+        let len = std::fs::metadata(serial).map(|m| m.len()).unwrap_or(0);
+        if len != last_len {
+            last_len = len;
+            last_progress = Instant::now();
+        }
+        if last_progress.elapsed() >= stall {
+            return Err(format!(
+                "no probe samples (seq >= {min_seq}) and the console silent for {} s; its end:\n{}",
+                stall.as_secs(),
+                console_tail(serial, 80)
+            ));
+        }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn wait_samples(sock: &Path, serial: &Path, min_seq: u64) -> Value {
+    try_wait_samples(sock, serial, min_seq, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Boot and wait for the first samples. A boot whose console goes silent for 120 s before the
+/// probe reported is retried once, with the stalled console printed: under the nested lane a
+/// guest kernel boot (before any snapshot, restore or clock operation of this project) was seen
+/// to stall after its `mousedev` initcall in about 1 of 7 boots with `--invariant-tsc`. Waits
+/// after a restore are never retried.
+fn boot_sampled(k: &Path, tag: &str, extra: &[&str]) -> (Proc, Dir, PathBuf, PathBuf, Value) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (p, d, sock, serial) = boot(k, &format!("{tag}{attempt}"), extra);
+        match try_wait_samples(&sock, &serial, 2, Duration::from_secs(120)) {
+            Ok(c) => return (p, d, sock, serial, c),
+            Err(e) if attempt == 1 => {
+                eprintln!("RETRYING the boot once: {e}");
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 }
 
@@ -128,8 +210,7 @@ fn linux_boots_runs_the_probe_and_survives_pause_resume() {
             return;
         }
     };
-    let (_p, sock, serial) = boot(&k, &[]);
-    let c = wait_samples(&sock, &serial, 2);
+    let (_p, _d, sock, serial, c) = boot_sampled(&k, "pause", &[]);
     let linux = &c["observation"]["linux"];
     eprintln!(
         "first samples: {}",
@@ -190,8 +271,7 @@ fn invariant_tsc_gives_the_tsc_clocksource() {
             return;
         }
     };
-    let (_p, sock, serial) = boot(&k, &["--invariant-tsc"]);
-    let c = wait_samples(&sock, &serial, 0);
+    let (_p, _d, _sock, _serial, c) = boot_sampled(&k, "tsc", &["--invariant-tsc"]);
     assert_eq!(
         c["observation"]["linux"]["clocksource"], "tsc",
         "{}",
@@ -221,4 +301,158 @@ fn kvm_pvm_refuses_a_linux_guest_and_says_why() {
         err.contains("kvm_pvm") && err.contains("stock Linux"),
         "{err}"
     );
+}
+
+/// The last sample's sequence number of vCPU 0 (every vCPU samples in each round).
+fn last_seq(c: &Value) -> u64 {
+    c["observation"]["linux"]["latest"][0]["seq"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// What the guest's own clocks did across the disruption, checked against `skew_ns` (the
+/// destination's injected wallclock skew; 0 for a live update): CLOCK_REALTIME's error moved by
+/// the skew, CLOCK_MONOTONIC and the TSC counted the downtime. The bound is the plugin's own
+/// read-back residual and uncertainty plus 100 µs for the mapping of samples taken under nested
+/// TCG (the probe's RDTSC bracket is microseconds there): a strategy that loses or gains the
+/// downtime (≥ 200 ms here) is far outside it.
+fn check_guest_clocks(c: &Value, skew_ns: i64) {
+    let rep = &c["restore_report"];
+    let bound = rep["kvmclock_error_ns"]
+        .as_i64()
+        .unwrap_or(0)
+        .unsigned_abs()
+        + rep["uncertainty_ns"].as_u64().unwrap_or(0)
+        + 100_000;
+    let khz = c["tsc_khz"].as_u64().unwrap();
+    let errors = c["linux_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "both vCPUs sampled across: {c}");
+    for e in errors {
+        let moved = e["realtime_error_after_ns"].as_i64().unwrap()
+            - e["realtime_error_before_ns"].as_i64().unwrap();
+        let mono = e["monotonic_error_ns"].as_i64().unwrap();
+        let tsc = e["tsc_error_ticks"].as_i64().unwrap();
+        eprintln!(
+            "vCPU {}: CLOCK_REALTIME error moved {moved} ns (skew {skew_ns}), CLOCK_MONOTONIC \
+             {mono} ns vs {} ns of host time, TSC {tsc} ticks; bound {bound} ns",
+            e["vcpu"], e["host_elapsed_ns"]
+        );
+        assert!(
+            (moved - skew_ns).unsigned_abs() <= bound,
+            "CLOCK_REALTIME: {e}"
+        );
+        assert!(mono.unsigned_abs() <= bound, "CLOCK_MONOTONIC: {e}");
+        assert!(
+            tsc.unsigned_abs() <= bound * khz / 1_000_000,
+            "TSC continuity: {e}"
+        );
+    }
+    let complaints = c["observation"]["linux"]["complaints"].as_array().unwrap();
+    assert!(
+        complaints.is_empty(),
+        "the guest complained: {complaints:?}"
+    );
+}
+
+/// Live update: the VMM snapshots the paused guest (vCPU registers, LAPIC, MSRs, irqchip, PIT,
+/// serial, memory, clock section), its process ends, a new process restores it after ~200 ms.
+/// The guest's clocks must not notice: realtime error unchanged, monotonic = the real downtime,
+/// TSC continuous, nothing signalled, and the guest keeps printing through the restored UART.
+#[test]
+fn linux_live_update_into_a_new_process_keeps_the_guest_clocks() {
+    let k = match kernel() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    let (a, dir, sock, serial, _) = boot_sampled(&k, "update", &[]);
+    let before = wait_samples(&sock, &serial, 3);
+    let snap = format!("file://{}", dir.0.join("snap").display());
+    api_with(
+        &sock,
+        "PUT",
+        "vm.snapshot",
+        Some(serde_json::json!({ "destination_url": snap })),
+    )
+    .unwrap();
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    let b_sock = dir.0.join("b.sock");
+    let _b = empty_vmm(&b_sock);
+    let r = api_with(
+        &b_sock,
+        "PUT",
+        "vm.restore",
+        Some(serde_json::json!({ "source_url": snap })),
+    )
+    .unwrap();
+    eprintln!("restore report: {}", r["restore_report"]);
+    assert_eq!(r["restore_report"]["mode"], "live-update");
+    let c = wait_samples(&b_sock, &serial, last_seq(&before) + 3);
+    check_guest_clocks(&c, 0);
+    assert!(
+        c["restore_report"]["signalled"]["guest_stopped_vcpus"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "exact live update: nothing signalled"
+    );
+}
+
+/// Live migration to another process whose wallclock is 250 µs ahead (the receiver's own
+/// policy: mode live-migration, injected skew): the guest's CLOCK_REALTIME follows the
+/// destination's wallclock, CLOCK_MONOTONIC and the TSC count the real downtime, and every
+/// vCPU got PVCLOCK_GUEST_STOPPED (KVMCLOCK_CTRL works because the VMM restored the kvmclock
+/// MSRs before the plugin ran).
+#[test]
+fn linux_live_migration_follows_the_destination_wallclock_and_signals() {
+    let k = match kernel() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    const SKEW_NS: i64 = 250_000;
+    let (_a, dir, sock, serial, _) = boot_sampled(&k, "migrate", &[]);
+    let before = wait_samples(&sock, &serial, 3);
+    let b_sock = dir.0.join("b.sock");
+    let _b = empty_vmm(&b_sock);
+    let m_sock = dir.0.join("m.sock");
+    let url = format!("unix:{}", m_sock.display());
+    let recv = {
+        let b_sock = b_sock.clone();
+        let body = serde_json::json!({
+            "receiver_url": url,
+            "restore_options": {"mode": "live-migration", "inject_wallclock_skew_ns": SKEW_NS},
+        });
+        std::thread::spawn(move || api_with(&b_sock, "PUT", "vm.receive-migration", Some(body)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !m_sock.exists() {
+        assert!(Instant::now() < deadline, "the receiver did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    api_with(
+        &sock,
+        "PUT",
+        "vm.send-migration",
+        Some(serde_json::json!({ "destination_url": url, "downtime_ms": 200 })),
+    )
+    .unwrap();
+    recv.join().unwrap().unwrap();
+    let c = wait_samples(&b_sock, &serial, last_seq(&before) + 3);
+    eprintln!("restore report: {}", c["restore_report"]);
+    assert_eq!(c["restore_report"]["mode"], "live-migration");
+    check_guest_clocks(&c, SKEW_NS);
+    assert_eq!(
+        c["restore_report"]["signalled"]["guest_stopped_vcpus"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "every vCPU told it was stopped"
+    );
+    assert_eq!(api(&sock, "GET", "vm.info").unwrap()["state"], "migrated");
 }
