@@ -7,9 +7,11 @@
 //!
 //! - CLOCK_REALTIME error = (guest − host realtime after) − (guest − host before) − skew: 0 when
 //!   the guest's wall clock follows the destination's (host + skew);
-//! - CLOCK_MONOTONIC error = its advance − the host time between the two samples (0: the guest
-//!   counted the downtime as time that passed);
-//! - TSC error = guest TSC advance − host time × the guest's TSC rate, ticks (0: continuous);
+//! - CLOCK_MONOTONIC error = its advance − the time between the two samples on the
+//!   destination's timeline (host time, plus the skew on a migration: kvmclock is rebuilt from
+//!   (K, W) and the destination's wallclock, so a guest whose clocks follow that wallclock
+//!   counts the skew too); 0: the guest counted the downtime as time that passed;
+//! - TSC error = guest TSC advance − that time × the guest's TSC rate, ticks (0: continuous);
 //! - the kernel's complaints about time (watchdog, soft lockup, "time went backwards").
 //!
 //! The chain runs guest-clock first and naive last: a strategy that breaks the guest's clocks
@@ -31,9 +33,10 @@ use crate::vm::linux::state::MachineState;
 use crate::vm::linux::{LinuxConfig, LinuxObservation};
 use crate::vm::{Vm, VmConfig};
 
-/// A guest that prints nothing for this long is stuck (no fixed deadline otherwise: the nested
-/// lane is ~10× slower than native and varies).
-const STALL: Duration = Duration::from_secs(180);
+/// A guest that makes no progress (see [`wait_samples_within`]) for this long is stuck; no
+/// fixed deadline otherwise (the nested lane is ~10× slower than native and varies). The probe
+/// samples every 200 ms of guest time.
+const STALL: Duration = Duration::from_secs(90);
 
 /// One hop of the chain.
 #[derive(Debug, Clone, Serialize)]
@@ -75,13 +78,12 @@ pub struct LinuxBenchConfig {
     pub console_dir: PathBuf,
 }
 
-/// Wait until every vCPU reported a sample with sequence ≥ `min_seq`.
-fn wait_samples(vm: &Vm, min_seq: u64) -> Result<LinuxObservation, String> {
-    wait_samples_within(vm, min_seq, STALL)
-}
-
+/// Wait until every vCPU reported a sample with sequence ≥ `min_seq`, failing when the guest
+/// made no progress for `stall`: no new console line while it boots (no sample yet), no new
+/// probe sample once it sampled — a guest whose kernel keeps printing complaints while its
+/// probe no longer runs is stuck too.
 fn wait_samples_within(vm: &Vm, min_seq: u64, stall: Duration) -> Result<LinuxObservation, String> {
-    let mut last_lines = 0;
+    let mut last_mark = (0, 0);
     let mut progress = Instant::now();
     loop {
         let o = vm
@@ -95,18 +97,33 @@ fn wait_samples_within(vm: &Vm, min_seq: u64, stall: Duration) -> Result<LinuxOb
         if let Some(why) = &o.stopped {
             return Err(format!("the guest stopped: {why}"));
         }
-        if o.console_lines != last_lines {
-            last_lines = o.console_lines;
+        let seq = o.latest.iter().map(|s| s.seq + 1).max().unwrap_or(0);
+        let mark = if seq > 0 {
+            (seq, 0)
+        } else {
+            (0, o.console_lines)
+        };
+        if mark != last_mark {
+            last_mark = mark;
             progress = Instant::now();
         }
         if progress.elapsed() > stall {
             return Err(format!(
-                "the guest stopped reporting (console silent for {} s)",
+                "the guest stopped reporting (no new {} for {} s)",
+                if seq > 0 {
+                    "probe sample"
+                } else {
+                    "console line"
+                },
                 stall.as_secs()
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn wait_samples(vm: &Vm, min_seq: u64) -> Result<LinuxObservation, String> {
+    wait_samples_within(vm, min_seq, STALL)
 }
 
 fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Vm, String> {
@@ -188,8 +205,9 @@ fn figures(before: &[LinuxSample], after: &[LinuxSample], khz: u32, skew_ns: i64
             let d = disruption(b, a, khz);
             let moved = d.realtime_error_after_ns - d.realtime_error_before_ns;
             f.realtime_ns = worst(f.realtime_ns, moved - skew_ns);
-            f.monotonic_ns = worst(f.monotonic_ns, d.monotonic_error_ns);
-            f.tsc_ticks = worst(f.tsc_ticks, d.tsc_error_ticks);
+            let skew_ticks = (i128::from(skew_ns) * i128::from(khz) / 1_000_000) as i64;
+            f.monotonic_ns = worst(f.monotonic_ns, d.monotonic_error_ns - skew_ns);
+            f.tsc_ticks = worst(f.tsc_ticks, d.tsc_error_ticks - skew_ticks);
             f.elapsed_ns = f.elapsed_ns.max(d.host_elapsed_ns);
         }
     }
@@ -231,7 +249,7 @@ fn hop(
     dst.start().map_err(|e| e.to_string())?;
     let last = before.latest.iter().map(|x| x.seq).max().unwrap_or(0);
     let after = wait_samples(&dst, last + 3)?;
-    let khz = dst.clock_backend().tsc_khz(0).map_err(|e| e.to_string())?;
+    let khz = dst.guest_tsc_khz();
     let f = figures(&before.latest, &after.latest, khz, skew);
     row.realtime_error_ns = Some(f.realtime_ns);
     row.monotonic_error_ns = Some(f.monotonic_ns);
@@ -279,6 +297,18 @@ pub fn run(cfg: &LinuxBenchConfig) -> Result<Vec<LinuxRow>, String> {
                         Err(e) => row.note = Some(e),
                     },
                 }
+                println!(
+                    "  {name:<9} {:<12} {:<14} REALTIME {} ns, MONOTONIC {} ns, TSC {} ticks{}",
+                    row.strategy,
+                    row.scenario,
+                    cell(row.realtime_error_ns),
+                    cell(row.monotonic_error_ns),
+                    cell(row.tsc_error_ticks),
+                    row.note
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                );
                 rows.push(row);
             }
         }
@@ -320,8 +350,9 @@ pub fn print_table(rows: &[LinuxRow], skew_ns: i64) {
     println!(
         "  skew ({skew_ns:+} ns on migration): the guest's wall clock should follow the host's;"
     );
-    println!("- MONOTONIC: CLOCK_MONOTONIC advance − host time elapsed (the downtime counted);");
-    println!("- TSC: guest TSC advance − host time × TSC rate (continuous TSC).");
+    println!("- MONOTONIC: CLOCK_MONOTONIC advance − time elapsed on the destination's timeline");
+    println!("  (host time, + the skew on migration): the downtime counted;");
+    println!("- TSC: guest TSC advance − that time × TSC rate (continuous TSC).");
 }
 
 /// Why the Linux demo cannot run here (None: it can).
