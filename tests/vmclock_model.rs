@@ -248,3 +248,48 @@ fn updater_rewrites_at_once_when_the_host_changes() {
     assert_eq!(p.clock_status, VMCLOCK_STATUS_UNRELIABLE);
     assert_eq!(p.time_at(vm.guest_tsc_now(0).unwrap()), None);
 }
+
+/// `refresh_running` (the timer-thread refresh: no vCPU ioctl) re-anchors the page from one
+/// `KVM_GET_CLOCK` with the per-vCPU relationship of the last full sample: it keeps the page
+/// exact while time passes, and leaves a change of a vCPU's offset to the next full refresh.
+#[test]
+fn refresh_running_reuses_the_vcpu_relationship() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let vm = running_vm(&a, 2);
+    let page = Arc::new(AtomicVmclockMemory::new());
+    let u = VmclockUpdater::new(
+        page.clone(),
+        VmclockConfig {
+            host_time: HostTimeSource::Backend,
+            ..Default::default()
+        },
+    );
+    let why = |r: Refresh| match r {
+        Refresh::Unchanged => None,
+        Refresh::Rewritten(w, _) => Some(w),
+    };
+    // Nothing sampled yet: it takes a full sample.
+    assert_eq!(
+        why(u.refresh_running(vm.as_ref()).unwrap()),
+        Some(RefreshReason::First)
+    );
+    let p1 = read_vmclock(page.as_ref()).unwrap();
+    assert_eq!(why(u.refresh_running(vm.as_ref()).unwrap()), None);
+    time.advance_ns(1_500_000_000);
+    assert_eq!(
+        why(u.refresh_running(vm.as_ref()).unwrap()),
+        Some(RefreshReason::PeriodElapsed)
+    );
+    let p2 = read_vmclock(page.as_ref()).unwrap();
+    assert!(p2.seq_count > p1.seq_count && p2.time_sec > p1.time_sec);
+    assert!(page_error_ns(&p2, &vm) <= 1, "{}", page_error_ns(&p2, &vm));
+    // A vCPU offset change is invisible to it (no vCPU ioctl), seen by the full refresh.
+    let off0 = vm.tsc_offset(0).unwrap();
+    vm.set_tsc_offset(1, off0.wrapping_add(1_000_000)).unwrap();
+    assert_eq!(why(u.refresh_running(vm.as_ref()).unwrap()), None);
+    assert_eq!(
+        why(u.refresh(vm.as_ref()).unwrap()),
+        Some(RefreshReason::CounterChanged)
+    );
+}

@@ -120,9 +120,30 @@ pub struct CounterSample {
     pub vcpus_consistent: bool,
 }
 
-/// Sample the relationship: per vCPU the ratio KVM applies and the offset (attribute, or MSR
-/// bracketed by host TSC reads), then one `KVM_GET_CLOCK`.
-pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample, VmclockError> {
+/// The per-vCPU half of a [`CounterSample`]: how the guest's TSC derives from the host's (what
+/// only the VMM changes: a restore, a TSC rate or offset it sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRelation {
+    /// Host TSC nominal rate, kHz.
+    pub host_tsc_khz: u32,
+    /// TSC scaling ratio KVM applies to vCPU 0.
+    pub ratio: u64,
+    /// Fractional bits of the ratio (0: no scaling hardware).
+    pub frac_bits: u8,
+    /// vCPU 0's TSC offset.
+    pub tsc_offset_ticks: u64,
+    /// Every vCPU has vCPU 0's ratio and offset (one counter relationship fits all).
+    pub vcpus_consistent: bool,
+    /// The MSR read bracket without the offset attribute, ns (0: the offset is exact).
+    pub offset_uncertainty_ns: u64,
+}
+
+/// Sample the per-vCPU relationship: the ratio KVM applies and the offset (attribute, or MSR
+/// bracketed by host TSC reads) of every vCPU. These are vCPU ioctls: each waits until its vCPU
+/// is outside `KVM_RUN`.
+pub fn sample_counter_relation(
+    backend: &dyn ClockBackend,
+) -> Result<CounterRelation, VmclockError> {
     let caps = backend.capabilities();
     let host_khz = backend.host_info()?.identity.host_tsc_khz;
     if host_khz == 0 {
@@ -161,6 +182,22 @@ pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample,
         }
     }
     let (ratio, offset) = first.unwrap_or((1, 0));
+    Ok(CounterRelation {
+        host_tsc_khz: host_khz,
+        ratio,
+        frac_bits: frac,
+        tsc_offset_ticks: offset,
+        vcpus_consistent: consistent,
+        offset_uncertainty_ns: math::ticks_to_ns_round(msr_unc_ticks, host_khz),
+    })
+}
+
+/// Sample the VM-wide half: one `KVM_GET_CLOCK` (a VM ioctl: it never waits for a vCPU), the
+/// guest TSC at its instant through `rel`.
+pub fn sample_guest_counter_with(
+    backend: &dyn ClockBackend,
+    rel: &CounterRelation,
+) -> Result<CounterSample, VmclockError> {
     let r0 = backend.host_realtime_ns();
     let t0 = backend.host_tsc_ticks();
     let d = backend.get_clock()?;
@@ -177,16 +214,23 @@ pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample,
         )
     };
     Ok(CounterSample {
-        guest_tsc_ticks: math::guest_tsc_ticks(h, ratio, frac, offset),
+        guest_tsc_ticks: math::guest_tsc_ticks(h, rel.ratio, rel.frac_bits, rel.tsc_offset_ticks),
         realtime_ns: r,
         host_tsc_ticks: h,
-        uncertainty_ns: bracket_ns.saturating_add(math::ticks_to_ns_round(msr_unc_ticks, host_khz)),
-        host_tsc_khz: host_khz,
-        ratio,
-        frac_bits: frac,
-        tsc_offset_ticks: offset,
-        vcpus_consistent: consistent,
+        uncertainty_ns: bracket_ns.saturating_add(rel.offset_uncertainty_ns),
+        host_tsc_khz: rel.host_tsc_khz,
+        ratio: rel.ratio,
+        frac_bits: rel.frac_bits,
+        tsc_offset_ticks: rel.tsc_offset_ticks,
+        vcpus_consistent: rel.vcpus_consistent,
     })
+}
+
+/// Sample the relationship: per vCPU the ratio KVM applies and the offset
+/// ([`sample_counter_relation`]), then one `KVM_GET_CLOCK` ([`sample_guest_counter_with`]).
+pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample, VmclockError> {
+    let rel = sample_counter_relation(backend)?;
+    sample_guest_counter_with(backend, &rel)
 }
 
 /// Build the whole structure from a sample and the host's clock discipline.
@@ -332,6 +376,9 @@ struct State {
     marker: u64,
     generation: u64,
     last: Option<(VmclockAbi, u64, HostKey, CounterKey)>,
+    /// The per-vCPU relationship of the last full sample (what
+    /// [`VmclockUpdater::refresh_running`] reuses).
+    relation: Option<CounterRelation>,
 }
 
 /// Owns a guest's vmclock page on the host side. Thread-safe (`&self` everywhere): a VMM may
@@ -366,6 +413,7 @@ impl VmclockUpdater {
                 marker,
                 generation,
                 last: None,
+                relation: None,
             }),
         }
     }
@@ -455,8 +503,10 @@ impl VmclockUpdater {
     /// Rewrite now, whatever the age of the page.
     pub fn write_now(&self, backend: &dyn ClockBackend) -> Result<VmclockAbi, VmclockError> {
         let host = self.host_status(backend)?;
-        let sample = sample_guest_counter(backend)?;
+        let rel = sample_counter_relation(backend)?;
+        let sample = sample_guest_counter_with(backend, &rel)?;
         let mut st = self.lock();
+        st.relation = Some(rel);
         self.write_locked(&mut st, &sample, &host, RefreshReason::Forced)
     }
 
@@ -467,9 +517,41 @@ impl VmclockUpdater {
     /// host TSC changed, or when the refresh period elapsed; else writes nothing.
     pub fn refresh(&self, backend: &dyn ClockBackend) -> Result<Refresh, VmclockError> {
         let host = self.host_status(backend)?;
-        let sample = sample_guest_counter(backend)?;
-        let (hk, ck) = self.keys(&sample, &host);
+        let rel = sample_counter_relation(backend)?;
+        let sample = sample_guest_counter_with(backend, &rel)?;
         let mut st = self.lock();
+        st.relation = Some(rel);
+        self.refresh_locked(&mut st, &sample, &host)
+    }
+
+    /// [`refresh`](Self::refresh) for a VM whose vCPUs are running: samples only VM-wide state
+    /// (adjtimex and one `KVM_GET_CLOCK`, which never wait for a vCPU) and reuses the per-vCPU
+    /// TSC ratio and offset of the last full sample. A vCPU ioctl waits until its vCPU leaves
+    /// `KVM_RUN`, and an idle Linux vCPU (in-kernel irqchip) may not for seconds, so a timer
+    /// thread calls this one. The per-vCPU relationship changes only by the VMM's doing (a
+    /// restore, which rewrites the page through [`after_restore`](Self::after_restore)) or by a
+    /// guest write to its TSC MSRs, which the next full refresh (at a pause, say) catches.
+    /// Without any full sample yet it takes one.
+    pub fn refresh_running(&self, backend: &dyn ClockBackend) -> Result<Refresh, VmclockError> {
+        let host = self.host_status(backend)?;
+        let known = self.lock().relation;
+        let rel = match known {
+            Some(r) => r,
+            None => sample_counter_relation(backend)?,
+        };
+        let sample = sample_guest_counter_with(backend, &rel)?;
+        let mut st = self.lock();
+        st.relation.get_or_insert(rel);
+        self.refresh_locked(&mut st, &sample, &host)
+    }
+
+    fn refresh_locked(
+        &self,
+        st: &mut State,
+        sample: &CounterSample,
+        host: &HostTimeStatus,
+    ) -> Result<Refresh, VmclockError> {
+        let (hk, ck) = self.keys(sample, host);
         let reason = match st.last {
             None => RefreshReason::First,
             Some((_, _, h, _)) if h != hk => RefreshReason::HostChanged,
@@ -484,7 +566,7 @@ impl VmclockUpdater {
         if reason == RefreshReason::HostChanged {
             info!("vmclock: host clock discipline changed, rewriting at once");
         }
-        let abi = self.write_locked(&mut st, &sample, &host, reason)?;
+        let abi = self.write_locked(st, sample, host, reason)?;
         Ok(Refresh::Rewritten(reason, abi))
     }
 
@@ -503,12 +585,14 @@ impl VmclockUpdater {
         disruption_marker: u64,
     ) -> Result<VmclockAbi, VmclockError> {
         let host = self.host_status(backend)?;
-        let sample = sample_guest_counter(backend)?;
+        let rel = sample_counter_relation(backend)?;
+        let sample = sample_guest_counter_with(backend, &rel)?;
         let page_gen = match read_vmclock(self.mem.as_ref()) {
             Ok(a) if a.magic == VMCLOCK_MAGIC => Some(a.vm_generation_counter),
             _ => None,
         };
         let mut st = self.lock();
+        st.relation = Some(rel);
         let current = page_gen.unwrap_or(st.generation);
         st.generation = if disrupted && self.config.bump_generation_on_migration {
             match page_gen {
