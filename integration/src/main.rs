@@ -123,6 +123,11 @@ struct LinuxArgs {
     /// Describe the vmclock page to the guest as an ACPI device (HID AMZNC10C).
     #[arg(long, requires = "kernel")]
     acpi_vmclock: bool,
+    /// A kernel module for the guest (.ko, or .ko.xz: decompressed with the host's xz),
+    /// appended to the initramfs; the built-in probe loads them in the order given
+    /// (repeatable; e.g. ptp_vmclock.ko with --acpi-vmclock).
+    #[arg(long = "guest-module", value_name = "FILE", requires = "kernel")]
+    guest_modules: Vec<PathBuf>,
 }
 
 impl LinuxArgs {
@@ -134,6 +139,7 @@ impl LinuxArgs {
             serial: self.serial.clone(),
             invariant_tsc: self.invariant_tsc,
             acpi_vmclock: self.acpi_vmclock,
+            modules: self.guest_modules.clone(),
         })
     }
 }

@@ -64,6 +64,10 @@ pub struct LinuxConfig {
     /// guest's ptp_vmclock driver.
     #[serde(default)]
     pub acpi_vmclock: bool,
+    /// Kernel modules (`.ko`, or `.ko.xz` decompressed by the host's `xz`) appended to the
+    /// initramfs; the probe loads them in this order before sampling.
+    #[serde(default)]
+    pub modules: Vec<PathBuf>,
 }
 
 /// The Linux guest's devices (the irqchip and PIT are in KVM).
@@ -228,7 +232,7 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
     let size = cfg.memory_mib << 20;
     let mem = super::guest_memory(&vm, size)?;
 
-    let initrd = match &lc.initrd {
+    let mut initrd = match &lc.initrd {
         Some(p) => read_bounded(p, size as u64)?,
         None => initramfs::probe_initramfs().ok_or_else(|| {
             VmError::Invalid(
@@ -238,6 +242,13 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
             )
         })?,
     };
+    let modules = lc
+        .modules
+        .iter()
+        .map(|m| initramfs::load_module(m, size as u64))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(VmError::Invalid)?;
+    initramfs::append_modules(&mut initrd, &modules);
     let mut devices = Vec::new();
     if lc.acpi_vmclock {
         let (base, len) = layout::VMCLOCK_PAGE;
