@@ -9,6 +9,7 @@ mod error;
 mod files;
 mod inspect;
 mod migration;
+mod refresher;
 mod sockets;
 mod vm;
 mod vmm;
@@ -50,6 +51,10 @@ enum Cmd {
         /// Start without a VM (to restore a snapshot or receive a migration).
         #[arg(long)]
         no_vm: bool,
+        /// Re-anchor the guest's vmclock page this often while the VM runs, ms (0: only at
+        /// creation and restore).
+        #[arg(long, default_value_t = 1000)]
+        vmclock_refresh_ms: u64,
         #[command(flatten)]
         linux: LinuxArgs,
     },
@@ -300,9 +305,11 @@ fn main() -> ExitCode {
             memory_mib,
             model,
             no_vm,
+            vmclock_refresh_ms,
             linux,
         } => {
-            let mut vmm = vmm::Vmm::new();
+            let mut vmm = vmm::Vmm::new()
+                .with_vmclock_refresh(Some(std::time::Duration::from_millis(vmclock_refresh_ms)));
             if no_vm {
                 println!("clockvmm: no VM yet (waiting for restore or receive-migration)");
             } else {
