@@ -1,10 +1,12 @@
 //! A real Linux guest under clockvmm: boots Debian's stock kernel (`GC_LINUX_KERNEL`, a bzImage)
 //! with the built-in probe initramfs, reads the guest's own clocks through `vm.clock`, pauses
 //! and resumes it (vCPUs kicked out of KVM_RUN), and checks that the guest did not complain.
+//! With the vmclock ACPI device and the kernel's ptp_vmclock module (`GC_LINUX_MODULES`), the
+//! guest's PTP clock reads clockvmm's vmclock page: its error against the host is measured.
 //!
-//! Runs in the nested kvm_amd lane (`integration/nested/lane`, which passes the kernel). On
-//! kvm_pvm, or without a kernel, the boot tests print why and skip; the refusal on kvm_pvm is
-//! tested there instead.
+//! Runs in the nested kvm_amd lane (`integration/nested/lane`, which passes the kernel and the
+//! modules). On kvm_pvm, or without a kernel, the boot tests print why and skip; the refusal on
+//! kvm_pvm is tested there instead.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -179,6 +181,129 @@ fn linux_boots_runs_the_probe_and_survives_pause_resume() {
         .unwrap()
         .clone();
     eprintln!("complaints after a 2 s pause: {complaints:?}");
+}
+
+fn modules() -> Result<Vec<PathBuf>, String> {
+    let v = std::env::var("GC_LINUX_MODULES").map_err(|_| {
+        "GC_LINUX_MODULES (the guest's ptp_vmclock.ko) is not set: the nested lane sets it"
+    })?;
+    let m: Vec<PathBuf> = v
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    if m.is_empty() {
+        return Err("GC_LINUX_MODULES is empty".into());
+    }
+    for f in &m {
+        if !f.is_file() {
+            return Err(format!("GC_LINUX_MODULES: {} is no file", f.display()));
+        }
+    }
+    Ok(m)
+}
+
+/// The vmclock ACPI device, Linux's ptp_vmclock bound to it: the guest has a PTP clock over
+/// clockvmm's vmclock page, and that clock reads the host's realtime (loosely bounded: nested
+/// TCG is slow, only gross errors fail). The page stays fresh while the guest runs.
+#[test]
+fn ptp_vmclock_gives_the_guest_a_phc_that_reads_host_time() {
+    let (k, mods) = match kernel().and_then(|k| Ok((k, modules()?))) {
+        Ok(x) => x,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    let mut extra: Vec<String> = vec![
+        "--acpi-vmclock".into(),
+        "--vmclock-refresh-ms".into(),
+        "200".into(),
+    ];
+    for m in &mods {
+        extra.push("--guest-module".into());
+        extra.push(m.display().to_string());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (_p, sock, serial) = boot(&k, &extra);
+    let console = || std::fs::read_to_string(&serial).unwrap_or_default();
+    // Samples, then a PHC reading on every vCPU (or the probe's reason why there is none).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let c = loop {
+        let c = wait_samples(&sock, &serial, 0);
+        let linux = &c["observation"]["linux"];
+        if let Some(why) = linux["phc_unavailable"].as_str() {
+            panic!(
+                "no vmclock PTP clock in the guest: {why}\n{linux}\n{}",
+                console()
+            );
+        }
+        let phc = linux["phc_latest"].as_array().cloned().unwrap_or_default();
+        if phc.len() == 2 && phc.iter().all(|p| !p["phc_error_ns"].is_null()) {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no PHC readings: {linux}\n{}",
+            console()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let linux = &c["observation"]["linux"];
+    eprintln!("modules: {}", linux["modules"]);
+    for m in linux["modules"].as_array().unwrap() {
+        assert_eq!(m[1], 0, "finit_module of {} failed: {}", m[0], console());
+    }
+    let dev = linux["phc_device"].as_str().unwrap_or("").to_string();
+    assert!(
+        dev.starts_with("ptp") && dev[3..].parse::<u32>().is_ok(),
+        "ptp_vmclock registered a PTP clock: {linux}"
+    );
+    let registered = console()
+        .lines()
+        .find(|l| l.contains("vmclock") && l.contains("registered"))
+        .map(str::to_string);
+    eprintln!("guest: {registered:?}; PHC {dev}");
+    eprintln!("guest vmclock view: {}", linux["guest_vmclock"]);
+    for p in linux["phc_latest"].as_array().unwrap() {
+        let e = p["phc_error_ns"].as_i64().unwrap();
+        eprintln!(
+            "vCPU {}: PHC − host = {e} ns (direct {} ± {} ns); guest CLOCK_REALTIME − host = {} \
+             ns; PHC − guest realtime = {} ns (bracket {} ns)",
+            p["vcpu"],
+            p["phc_error_direct_ns"],
+            p["direct_bracket_ns"],
+            p["guest_realtime_error_ns"],
+            p["phc_minus_guest_realtime_ns"],
+            p["realtime_bracket_ns"],
+        );
+        assert_eq!(p["dev"], dev.as_str());
+        assert!(
+            e.abs() < 1_000_000,
+            "the PHC reads host time within 1 ms: {p}"
+        );
+    }
+    // Fresh: the guest sees the page rewritten while it runs.
+    let v0 = linux["guest_vmclock"].clone();
+    assert_eq!(v0["counter_id"], 1, "X86_TSC: {v0}");
+    let seq0 = v0["seq_count"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let c = api(&sock, "GET", "vm.clock").unwrap();
+        let v = &c["observation"]["linux"]["guest_vmclock"];
+        if v["seq_count"].as_u64().unwrap_or(0) > seq0 {
+            eprintln!(
+                "guest saw seq_count {seq0} → {}; host refreshes: {}",
+                v["seq_count"], c["vmclock_refresh"]
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never saw the page change: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
