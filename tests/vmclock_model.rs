@@ -293,3 +293,36 @@ fn refresh_running_reuses_the_vcpu_relationship() {
         Some(RefreshReason::CounterChanged)
     );
 }
+
+/// A host that knows TAI − UTC (37 s): the UTC page carries it with the sign ptp_vmclock
+/// computes with (UTC − TAI = −37), so a Linux 7.x guest's PHC reads TAI = UTC + 37 s and an
+/// older one's reads UTC, both at the host's time.
+#[test]
+fn a_known_tai_offset_gives_the_guest_tai_and_utc() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let vm = running_vm(&a, 2);
+    let page = Arc::new(AtomicVmclockMemory::new());
+    let mut status = guest_clock::vmclock::HostTimeStatus::from_ntp(&a.config().ntp);
+    status.tai_s = 37;
+    let u = VmclockUpdater::new(
+        page.clone(),
+        VmclockConfig {
+            host_time: HostTimeSource::Fixed(status),
+            ..Default::default()
+        },
+    );
+    u.write_now(vm.as_ref()).unwrap();
+    let p = read_vmclock(page.as_ref()).unwrap();
+    assert_eq!(p.time_type, VMCLOCK_TIME_UTC);
+    assert_eq!(p.tai_offset_sec, -37);
+    assert_ne!(
+        p.flags & guest_clock::vmclock::VMCLOCK_FLAG_TAI_OFFSET_VALID,
+        0
+    );
+    let tsc = vm.guest_tsc_now(0).unwrap();
+    let utc = p.time_at(tsc).unwrap().as_ns();
+    let tai = p.tai_at(tsc).unwrap().as_ns();
+    assert_eq!(tai - utc, 37_000_000_000);
+    assert!(page_error_ns(&p, &vm) <= 1);
+}

@@ -235,9 +235,14 @@ pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample,
 
 /// Build the whole structure from a sample and the host's clock discipline.
 ///
-/// - `time_type` UTC, `tai_offset_sec` = adjtimex's TAI offset with `TAI_OFFSET_VALID` when the
-///   kernel knows it (UTC rather than TAI: ptp_vmclock and ClockBound take UTC as it is, and the
-///   sign of `tai_offset_sec` for TAI time differs between the UAPI text and ptp_vmclock);
+/// - `time_type` UTC (the host's CLOCK_REALTIME) with `TAI_OFFSET_VALID` when the host knows
+///   TAI − UTC ([`HostTimeStatus::tai_offset`]: adjtimex, else the leap-second list), and
+///   `tai_offset_sec` = UTC − TAI (−37 s since 2017) — the sign both generations of Linux's
+///   ptp_vmclock compute with: before 7.x it returned UTC (TAI + offset for TAI pages), from 7.x
+///   it returns TAI (UTC − offset for UTC pages, refusing a UTC page without a valid offset:
+///   "vmclock does not provide unambiguous time"). The UAPI text calls the field the "offset
+///   from TAI to UTC" with the value 37; the drivers, the only consumers checked, disagree with
+///   that sign, and a UTC page read through them is right with either driver only this way;
 /// - `clock_status` per [`HostTimeStatus::clock_status`], UNRELIABLE when the vCPUs' TSCs differ
 ///   (one relationship cannot serve them all);
 /// - time errors from adjtimex maxerror/esterror plus the sample's own uncertainty, VALID only
@@ -310,7 +315,7 @@ pub fn build_vmclock(
         flags,
         clock_status: status,
         leap_second_smearing_hint: 0,
-        tai_offset_sec: tai.unwrap_or(0),
+        tai_offset_sec: tai.map_or(0, |t| -t),
         leap_indicator: if status == VMCLOCK_STATUS_UNRELIABLE {
             VMCLOCK_LEAP_NONE
         } else {
