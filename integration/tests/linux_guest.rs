@@ -287,6 +287,14 @@ fn check_phc(c: &Value, bound_ns: i64) -> String {
             p["realtime_bracket_ns"],
         );
         assert_eq!(p["dev"], dev.as_str());
+        // TAI (Linux 7.x's ptp_vmclock, from the page's UTC − TAI offset) or UTC (older).
+        let scale = p["timescale_offset_s"].as_i64().unwrap();
+        let page_tai = -c["vmclock"]["tai_offset_sec"].as_i64().unwrap_or(0);
+        eprintln!(
+            "vCPU {}: PHC timescale UTC + {scale} s (page: TAI = UTC + {page_tai} s)",
+            p["vcpu"]
+        );
+        assert!(scale == 0 || scale == page_tai, "PHC timescale: {p}");
         assert!(
             e.abs() < bound_ns,
             "the PHC reads host time within {bound_ns} ns: {p}"

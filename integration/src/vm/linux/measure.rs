@@ -113,6 +113,11 @@ pub fn map_sample(
 ///   move between the two (they are microseconds apart);
 /// - directly: `phc_error_direct_ns` = PHC − host realtime at the TSC midpoint of the whole
 ///   ioctl (`direct_bracket_ns` is half the ioctl's span: n readings, so coarser).
+///
+/// A PHC's timescale is TAI (Linux 7.x's ptp_vmclock) or UTC (older ones): both errors are
+/// against the host's time on the PHC's timescale, `timescale_offset_s` whole seconds from its
+/// UTC (TAI − UTC, 37 s, for a TAI PHC; 0 for UTC), found as the PHC's whole-second distance
+/// from the guest's CLOCK_REALTIME.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinuxPhcSample {
     /// vCPU.
@@ -125,14 +130,17 @@ pub struct LinuxPhcSample {
     pub phc_ns: u64,
     /// Width of the guest CLOCK_REALTIME bracket around the PHC reading, ns.
     pub realtime_bracket_ns: u64,
-    /// PHC − guest CLOCK_REALTIME, ns.
+    /// PHC − guest CLOCK_REALTIME, ns (with the timescale's whole seconds).
     pub phc_minus_guest_realtime_ns: i64,
+    /// The PHC's timescale − UTC, whole seconds (37 for TAI, 0 for UTC).
+    #[serde(default)]
+    pub timescale_offset_s: i64,
     /// The guest's CLOCK_REALTIME − host CLOCK_REALTIME at the `s` sample, ns (its system clock
     /// error, shown beside the PHC's).
     pub guest_realtime_error_ns: Option<i64>,
-    /// PHC − host CLOCK_REALTIME through the system clock, ns.
+    /// PHC − host time on the PHC's timescale, through the system clock, ns.
     pub phc_error_ns: Option<i64>,
-    /// PHC − host CLOCK_REALTIME at the ioctl's TSC midpoint, ns.
+    /// PHC − host time on the PHC's timescale at the ioctl's TSC midpoint, ns.
     pub phc_error_direct_ns: Option<i64>,
     /// Half the ioctl's span in host time, ns (the direct error's uncertainty).
     pub direct_bracket_ns: u64,
@@ -150,11 +158,14 @@ pub fn map_phc(
     let rt_err = sample
         .filter(|s| s.vcpu == p.cpu && s.seq == p.seq)
         .map(LinuxSample::realtime_error_ns);
+    let phc_minus = p.phc_minus_realtime_ns();
+    // Whole seconds, rounded to the nearest (the clock errors are far below half a second).
+    let timescale_offset_s = (phc_minus + phc_minus.signum() * 500_000_000) / 1_000_000_000;
+    let scale_ns = timescale_offset_s * 1_000_000_000;
     let direct = offsets.get(p.cpu).and_then(|off| {
         host_realtime_at(refs, host_khz, p.tsc_mid().wrapping_sub(*off))
-            .map(|h| math::diff_signed(p.phc_ns, h))
+            .map(|h| math::diff_signed(p.phc_ns, h).saturating_sub(scale_ns))
     });
-    let phc_minus = p.phc_minus_realtime_ns();
     LinuxPhcSample {
         vcpu: p.cpu,
         seq: p.seq,
@@ -162,8 +173,9 @@ pub fn map_phc(
         phc_ns: p.phc_ns,
         realtime_bracket_ns: p.rt1_ns.saturating_sub(p.rt0_ns),
         phc_minus_guest_realtime_ns: phc_minus,
+        timescale_offset_s,
         guest_realtime_error_ns: rt_err,
-        phc_error_ns: rt_err.map(|e| e.saturating_add(phc_minus)),
+        phc_error_ns: rt_err.map(|e| e.saturating_add(phc_minus).saturating_sub(scale_ns)),
         phc_error_direct_ns: direct,
         direct_bracket_ns: math::ticks_to_ns_round(p.tsc1.saturating_sub(p.tsc0), host_khz) / 2,
     }
@@ -300,6 +312,19 @@ mod tests {
         assert!(map_phc(&p, None, &[], &refs, 1_000_000)
             .phc_error_direct_ns
             .is_none());
+        assert_eq!(m.timescale_offset_s, 0);
+        // A TAI PHC (Linux 7.x) 37 s ahead: the same errors on its timescale.
+        let tai = PhcSample {
+            phc_ns: p.phc_ns + 37_000_000_000,
+            ..p.clone()
+        };
+        let m = map_phc(&tai, Some(&mapped), &[1000], &refs, 1_000_000);
+        assert_eq!(m.timescale_offset_s, 37);
+        assert_eq!(m.phc_minus_guest_realtime_ns, 37_000_000_000 - 200);
+        assert_eq!(
+            (m.phc_error_ns, m.phc_error_direct_ns),
+            (Some(100), Some(100))
+        );
     }
 
     #[test]
