@@ -325,4 +325,19 @@ fn a_known_tai_offset_gives_the_guest_tai_and_utc() {
     let tai = p.tai_at(tsc).unwrap().as_ns();
     assert_eq!(tai - utc, 37_000_000_000);
     assert!(page_error_ns(&p, &vm) <= 1);
+    // Unknown to the host: the configured fallback, else no offset at all.
+    status.tai_s = 0;
+    for (fallback, want) in [(Some(37), Some(-37)), (None, None)] {
+        let u = VmclockUpdater::new(
+            page.clone(),
+            VmclockConfig {
+                host_time: HostTimeSource::Fixed(status),
+                tai_offset_fallback_s: fallback,
+                ..Default::default()
+            },
+        );
+        let p = u.write_now(vm.as_ref()).unwrap();
+        let valid = p.flags & guest_clock::vmclock::VMCLOCK_FLAG_TAI_OFFSET_VALID != 0;
+        assert_eq!(valid.then_some(p.tai_offset_sec), want);
+    }
 }

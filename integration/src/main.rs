@@ -55,6 +55,11 @@ enum Cmd {
         /// creation and restore).
         #[arg(long, default_value_t = 1000)]
         vmclock_refresh_ms: u64,
+        /// TAI − UTC, s, for the vmclock page when this host does not know it (no NTP daemon
+        /// told the kernel, no unexpired tzdata leap-seconds.list); Linux 7.x's ptp_vmclock
+        /// needs it to offer its PTP clock.
+        #[arg(long, value_parser = clap::value_parser!(i16).range(10..=1000))]
+        vmclock_tai_offset_s: Option<i16>,
         #[command(flatten)]
         linux: LinuxArgs,
     },
@@ -306,10 +311,12 @@ fn main() -> ExitCode {
             model,
             no_vm,
             vmclock_refresh_ms,
+            vmclock_tai_offset_s,
             linux,
         } => {
             let mut vmm = vmm::Vmm::new()
-                .with_vmclock_refresh(Some(std::time::Duration::from_millis(vmclock_refresh_ms)));
+                .with_vmclock_refresh(Some(std::time::Duration::from_millis(vmclock_refresh_ms)))
+                .with_tai_offset_fallback(vmclock_tai_offset_s);
             if no_vm {
                 println!("clockvmm: no VM yet (waiting for restore or receive-migration)");
             } else {

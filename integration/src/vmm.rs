@@ -66,6 +66,8 @@ pub struct Vmm {
     phase: Phase,
     /// How often the refresh thread re-anchors the vmclock page (None: never).
     vmclock_refresh: Option<Duration>,
+    /// TAI − UTC for the page when the host does not know it.
+    tai_offset_fallback_s: Option<i16>,
     refresh_stats: RefreshStats,
 }
 
@@ -109,6 +111,7 @@ impl Vmm {
             paused: false,
             phase: Phase::Empty,
             vmclock_refresh: None,
+            tai_offset_fallback_s: None,
             refresh_stats: RefreshStats::default(),
         }
     }
@@ -118,6 +121,13 @@ impl Vmm {
     /// every tick rewrites. None: the page is written only at creation and restore.
     pub fn with_vmclock_refresh(mut self, period: Option<Duration>) -> Self {
         self.vmclock_refresh = period.filter(|p| !p.is_zero());
+        self
+    }
+
+    /// TAI − UTC to publish in the vmclock page when the host does not know it (see
+    /// [`VmclockConfig::tai_offset_fallback_s`]).
+    pub fn with_tai_offset_fallback(mut self, tai_s: Option<i16>) -> Self {
+        self.tai_offset_fallback_s = tai_s;
         self
     }
 
@@ -185,6 +195,7 @@ impl Vmm {
         let vm = Arc::new(Vm::create(&cfg)?);
         let backend = vm.clock_backend();
         let mut vmclock = VmclockConfig::for_backend(backend.as_ref());
+        vmclock.tai_offset_fallback_s = self.tai_offset_fallback_s;
         if let Some(p) = self.vmclock_refresh {
             // A little under the tick: every tick of the refresh thread rewrites.
             let ns = u64::try_from(p.as_nanos()).unwrap_or(u64::MAX);

@@ -209,6 +209,10 @@ fn boot_vmclock(k: &Path, mods: &[PathBuf], more: &[&str]) -> (Proc, PathBuf, Pa
         "--acpi-vmclock".into(),
         "--vmclock-refresh-ms".into(),
         "200".into(),
+        // The L1 kernel does not know TAI − UTC and this machine's tzdata list may have expired:
+        // 37 s, unchanged since 2017 (no leap second announced since).
+        "--vmclock-tai-offset-s".into(),
+        "37".into(),
     ];
     extra.extend(more.iter().map(|s| s.to_string()));
     for m in mods {

@@ -67,6 +67,11 @@ pub struct VmclockConfig {
     /// Bump `vm_generation_counter` on every disrupting restore (see the module docs).
     /// Default true.
     pub bump_generation_on_migration: bool,
+    /// TAI − UTC to publish when the host does not know it (adjtimex 0 and no unexpired
+    /// leap-second list): the operator's knowledge. Default none: no `TAI_OFFSET_VALID` then,
+    /// and Linux 7.x's ptp_vmclock offers no PTP clock.
+    #[serde(default)]
+    pub tai_offset_fallback_s: Option<i16>,
 }
 
 impl Default for VmclockConfig {
@@ -77,6 +82,7 @@ impl Default for VmclockConfig {
             region_size: VMCLOCK_PAGE_SIZE,
             synced_maxerror_limit_us: 1_000_000,
             bump_generation_on_migration: true,
+            tai_offset_fallback_s: None,
         }
     }
 }
@@ -279,7 +285,7 @@ pub fn build_vmclock(
         status = VMCLOCK_STATUS_UNRELIABLE;
     }
     let mut flags = VMCLOCK_FLAG_VM_GEN_COUNTER_PRESENT;
-    let tai = host.tai_offset();
+    let tai = host.tai_offset().or(config.tai_offset_fallback_s);
     if tai.is_some() {
         flags |= VMCLOCK_FLAG_TAI_OFFSET_VALID;
     }
@@ -468,7 +474,7 @@ impl VmclockUpdater {
                 status: host.clock_status(self.config.synced_maxerror_limit_us),
                 leap: host.leap_indicator(),
                 // maxerror grows continuously: refreshed by the period, not compared.
-                tai: host.tai_offset(),
+                tai: host.tai_offset().or(self.config.tai_offset_fallback_s),
             },
             CounterKey {
                 host_tsc_khz: sample.host_tsc_khz,
