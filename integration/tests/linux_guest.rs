@@ -311,9 +311,8 @@ fn check_phc(c: &Value, bound_ns: i64) -> String {
 /// clockvmm's vmclock page, and that clock reads the host's realtime (loosely bounded: nested
 /// TCG is slow, only gross errors fail). The page stays fresh while the guest runs.
 ///
-/// With the invariant TSC: without it a multi-vCPU AMD guest marks its TSC unstable ("TSCs
-/// unsynchronized"), and ptp_vmclock then refuses every reading (`check_tsc_unstable`); the
-/// kvm-clock case is the next test.
+/// With the invariant TSC (the guest's clocksource is then the TSC, the vmclock's own counter:
+/// one TSC read serves the PHC and the system clock); the kvm-clock case is the next test.
 #[test]
 fn ptp_vmclock_gives_the_guest_a_phc_that_reads_host_time() {
     let (k, mods) = match kernel().and_then(|k| Ok((k, modules()?))) {
@@ -350,9 +349,9 @@ fn ptp_vmclock_gives_the_guest_a_phc_that_reads_host_time() {
     }
 }
 
-/// The same with kvm-clock as the guest's clocksource (no invariant TSC): ptp_vmclock still
-/// registers its PTP clock; whether it can read it depends on the guest trusting its TSC. This
-/// test reports which, and bounds the error where it reads.
+/// The same with kvm-clock as the guest's clocksource (no invariant TSC): ptp_vmclock registers
+/// its PTP clock and reads it (seen nested); were the guest to mark its TSC unstable, the driver
+/// would refuse readings (`check_tsc_unstable`): the test then reports that instead of failing.
 #[test]
 fn ptp_vmclock_beside_kvm_clock() {
     let (k, mods) = match kernel().and_then(|k| Ok((k, modules()?))) {

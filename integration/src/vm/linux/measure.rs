@@ -116,8 +116,8 @@ pub fn map_sample(
 ///
 /// A PHC's timescale is TAI (Linux 7.x's ptp_vmclock) or UTC (older ones): both errors are
 /// against the host's time on the PHC's timescale, `timescale_offset_s` whole seconds from its
-/// UTC (TAI − UTC, 37 s, for a TAI PHC; 0 for UTC), found as the PHC's whole-second distance
-/// from the guest's CLOCK_REALTIME.
+/// UTC (TAI − UTC, 37 s, for a TAI PHC; 0 for UTC), found as the whole seconds of PHC − host
+/// UTC (not of PHC − guest realtime: the guest's own realtime may be seconds off).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinuxPhcSample {
     /// vCPU.
@@ -159,13 +159,17 @@ pub fn map_phc(
         .filter(|s| s.vcpu == p.cpu && s.seq == p.seq)
         .map(LinuxSample::realtime_error_ns);
     let phc_minus = p.phc_minus_realtime_ns();
-    // Whole seconds, rounded to the nearest (the clock errors are far below half a second).
-    let timescale_offset_s = (phc_minus + phc_minus.signum() * 500_000_000) / 1_000_000_000;
-    let scale_ns = timescale_offset_s * 1_000_000_000;
-    let direct = offsets.get(p.cpu).and_then(|off| {
+    // PHC − host UTC both ways, then the timescale: its whole seconds, rounded to the nearest
+    // (a PHC error is far below half a second; the guest's own realtime error may not be).
+    let via_system = rt_err.map(|e| e.saturating_add(phc_minus));
+    let direct_raw = offsets.get(p.cpu).and_then(|off| {
         host_realtime_at(refs, host_khz, p.tsc_mid().wrapping_sub(*off))
-            .map(|h| math::diff_signed(p.phc_ns, h).saturating_sub(scale_ns))
+            .map(|h| math::diff_signed(p.phc_ns, h))
     });
+    let timescale_offset_s = via_system.or(direct_raw).map_or(0, |raw| {
+        raw.saturating_add(raw.signum() * 500_000_000) / 1_000_000_000
+    });
+    let scale_ns = timescale_offset_s * 1_000_000_000;
     LinuxPhcSample {
         vcpu: p.cpu,
         seq: p.seq,
@@ -175,8 +179,8 @@ pub fn map_phc(
         phc_minus_guest_realtime_ns: phc_minus,
         timescale_offset_s,
         guest_realtime_error_ns: rt_err,
-        phc_error_ns: rt_err.map(|e| e.saturating_add(phc_minus).saturating_sub(scale_ns)),
-        phc_error_direct_ns: direct,
+        phc_error_ns: via_system.map(|r| r.saturating_sub(scale_ns)),
+        phc_error_direct_ns: direct_raw.map(|r| r.saturating_sub(scale_ns)),
         direct_bracket_ns: math::ticks_to_ns_round(p.tsc1.saturating_sub(p.tsc0), host_khz) / 2,
     }
 }
@@ -321,6 +325,23 @@ mod tests {
         let m = map_phc(&tai, Some(&mapped), &[1000], &refs, 1_000_000);
         assert_eq!(m.timescale_offset_s, 37);
         assert_eq!(m.phc_minus_guest_realtime_ns, 37_000_000_000 - 200);
+        assert_eq!(
+            (m.phc_error_ns, m.phc_error_direct_ns),
+            (Some(100), Some(100))
+        );
+        // A guest realtime 1.5 s behind (as seen nested) does not move the timescale.
+        let late = LinuxSample {
+            guest_realtime_ns: mapped.guest_realtime_ns - 1_500_000_000,
+            ..mapped
+        };
+        let lagging = PhcSample {
+            rt0_ns: tai.rt0_ns - 1_500_000_000,
+            rt1_ns: tai.rt1_ns - 1_500_000_000,
+            ..tai.clone()
+        };
+        let m = map_phc(&lagging, Some(&late), &[1000], &refs, 1_000_000);
+        assert_eq!(m.timescale_offset_s, 37);
+        assert_eq!(m.guest_realtime_error_ns, Some(300 - 1_500_000_000));
         assert_eq!(
             (m.phc_error_ns, m.phc_error_direct_ns),
             (Some(100), Some(100))
