@@ -201,6 +201,14 @@ impl<'a> ClockManager<'a> {
             .map(|u| u.refresh(self.backend.as_ref()))
     }
 
+    /// Keep the vmclock page fresh while the vCPUs run, without vCPU ioctls (see
+    /// [`VmclockUpdater::refresh_running`]); `None` without a page.
+    pub fn refresh_vmclock_running(&self) -> Option<Result<Refresh, VmclockError>> {
+        self.vmclock_updater
+            .as_ref()
+            .map(|u| u.refresh_running(self.backend.as_ref()))
+    }
+
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn ClockBackend + 'a> {
         &self.backend

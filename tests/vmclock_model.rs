@@ -248,3 +248,96 @@ fn updater_rewrites_at_once_when_the_host_changes() {
     assert_eq!(p.clock_status, VMCLOCK_STATUS_UNRELIABLE);
     assert_eq!(p.time_at(vm.guest_tsc_now(0).unwrap()), None);
 }
+
+/// `refresh_running` (the timer-thread refresh: no vCPU ioctl) re-anchors the page from one
+/// `KVM_GET_CLOCK` with the per-vCPU relationship of the last full sample: it keeps the page
+/// exact while time passes, and leaves a change of a vCPU's offset to the next full refresh.
+#[test]
+fn refresh_running_reuses_the_vcpu_relationship() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let vm = running_vm(&a, 2);
+    let page = Arc::new(AtomicVmclockMemory::new());
+    let u = VmclockUpdater::new(
+        page.clone(),
+        VmclockConfig {
+            host_time: HostTimeSource::Backend,
+            ..Default::default()
+        },
+    );
+    let why = |r: Refresh| match r {
+        Refresh::Unchanged => None,
+        Refresh::Rewritten(w, _) => Some(w),
+    };
+    // Nothing sampled yet: it takes a full sample.
+    assert_eq!(
+        why(u.refresh_running(vm.as_ref()).unwrap()),
+        Some(RefreshReason::First)
+    );
+    let p1 = read_vmclock(page.as_ref()).unwrap();
+    assert_eq!(why(u.refresh_running(vm.as_ref()).unwrap()), None);
+    time.advance_ns(1_500_000_000);
+    assert_eq!(
+        why(u.refresh_running(vm.as_ref()).unwrap()),
+        Some(RefreshReason::PeriodElapsed)
+    );
+    let p2 = read_vmclock(page.as_ref()).unwrap();
+    assert!(p2.seq_count > p1.seq_count && p2.time_sec > p1.time_sec);
+    assert!(page_error_ns(&p2, &vm) <= 1, "{}", page_error_ns(&p2, &vm));
+    // A vCPU offset change is invisible to it (no vCPU ioctl), seen by the full refresh.
+    let off0 = vm.tsc_offset(0).unwrap();
+    vm.set_tsc_offset(1, off0.wrapping_add(1_000_000)).unwrap();
+    assert_eq!(why(u.refresh_running(vm.as_ref()).unwrap()), None);
+    assert_eq!(
+        why(u.refresh(vm.as_ref()).unwrap()),
+        Some(RefreshReason::CounterChanged)
+    );
+}
+
+/// A host that knows TAI − UTC (37 s): the UTC page carries it with the sign ptp_vmclock
+/// computes with (UTC − TAI = −37), so a Linux 7.x guest's PHC reads TAI = UTC + 37 s and an
+/// older one's reads UTC, both at the host's time.
+#[test]
+fn a_known_tai_offset_gives_the_guest_tai_and_utc() {
+    let time = ModelTime::new();
+    let a = host(&time, SRC_KHZ, 1, |_| {});
+    let vm = running_vm(&a, 2);
+    let page = Arc::new(AtomicVmclockMemory::new());
+    let mut status = guest_clock::vmclock::HostTimeStatus::from_ntp(&a.config().ntp);
+    status.tai_s = 37;
+    let u = VmclockUpdater::new(
+        page.clone(),
+        VmclockConfig {
+            host_time: HostTimeSource::Fixed(status),
+            ..Default::default()
+        },
+    );
+    u.write_now(vm.as_ref()).unwrap();
+    let p = read_vmclock(page.as_ref()).unwrap();
+    assert_eq!(p.time_type, VMCLOCK_TIME_UTC);
+    assert_eq!(p.tai_offset_sec, -37);
+    assert_ne!(
+        p.flags & guest_clock::vmclock::VMCLOCK_FLAG_TAI_OFFSET_VALID,
+        0
+    );
+    let tsc = vm.guest_tsc_now(0).unwrap();
+    let utc = p.time_at(tsc).unwrap().as_ns();
+    let tai = p.tai_at(tsc).unwrap().as_ns();
+    assert_eq!(tai - utc, 37_000_000_000);
+    assert!(page_error_ns(&p, &vm) <= 1);
+    // Unknown to the host: the configured fallback, else no offset at all.
+    status.tai_s = 0;
+    for (fallback, want) in [(Some(37), Some(-37)), (None, None)] {
+        let u = VmclockUpdater::new(
+            page.clone(),
+            VmclockConfig {
+                host_time: HostTimeSource::Fixed(status),
+                tai_offset_fallback_s: fallback,
+                ..Default::default()
+            },
+        );
+        let p = u.write_now(vm.as_ref()).unwrap();
+        let valid = p.flags & guest_clock::vmclock::VMCLOCK_FLAG_TAI_OFFSET_VALID != 0;
+        assert_eq!(valid.then_some(p.tai_offset_sec), want);
+    }
+}

@@ -12,6 +12,10 @@
 //! [`MAX_BODY`] refused before reading a byte, the body (any framing) cut at [`MAX_BODY`] and
 //! read within [`BODY_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at once.
 //!
+//! Beside the API, a [`VmclockRefresher`] thread (when `--vmclock-refresh-ms` is not 0) keeps
+//! the vmclock page current; it only ever tries the VMM's lock, so it never runs inside an
+//! operation.
+//!
 //! The socket is created 0600, never over a live socket or a non-socket path
 //! ([`crate::sockets::bind`]), and removed on `vmm.shutdown`, SIGTERM and SIGINT.
 
@@ -32,6 +36,7 @@ use serde_json::{json, Value};
 
 use crate::error::VmmError;
 use crate::migration::{Deadlines, MigrationHint};
+use crate::refresher::VmclockRefresher;
 use crate::vmm::Vmm;
 
 /// The largest request body accepted, bytes.
@@ -227,9 +232,20 @@ pub fn serve(socket: &Path, vmm: Vmm) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("API runtime: {e}"))?;
+    let period = vmm.vmclock_refresh();
     let vmm = Arc::new(Mutex::new(vmm));
+    let refresher = match period {
+        Some(p) => Some(
+            VmclockRefresher::spawn(Arc::downgrade(&vmm), p)
+                .map_err(|e| format!("vmclock refresh thread: {e}"))?,
+        ),
+        None => None,
+    };
     let r = rt.block_on(accept_loop(bound.listener, vmm.clone()));
     cleanup.remove();
+    if let Some(t) = refresher {
+        t.stop();
+    }
     // A migration still holding the VMM must not keep the process alive.
     rt.shutdown_timeout(Duration::from_secs(1));
     if let Ok(mut v) = vmm.try_lock() {

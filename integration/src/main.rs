@@ -9,6 +9,7 @@ mod error;
 mod files;
 mod inspect;
 mod migration;
+mod refresher;
 mod sockets;
 mod vm;
 mod vmm;
@@ -51,6 +52,15 @@ enum Cmd {
         /// Start without a VM (to restore a snapshot or receive a migration).
         #[arg(long)]
         no_vm: bool,
+        /// Re-anchor the guest's vmclock page this often while the VM runs, ms (0: only at
+        /// creation and restore).
+        #[arg(long, default_value_t = 1000)]
+        vmclock_refresh_ms: u64,
+        /// TAI − UTC, s, for the vmclock page when this host does not know it (no NTP daemon
+        /// told the kernel, no unexpired tzdata leap-seconds.list); Linux 7.x's ptp_vmclock
+        /// needs it to offer its PTP clock.
+        #[arg(long, value_parser = clap::value_parser!(i16).range(10..=1000))]
+        vmclock_tai_offset_s: Option<i16>,
         #[command(flatten)]
         linux: LinuxArgs,
     },
@@ -131,6 +141,11 @@ struct LinuxArgs {
     /// Describe the vmclock page to the guest as an ACPI device (HID AMZNC10C).
     #[arg(long, requires = "kernel")]
     acpi_vmclock: bool,
+    /// A kernel module for the guest (.ko, or .ko.xz: decompressed with the host's xz),
+    /// appended to the initramfs; the built-in probe loads them in the order given
+    /// (repeatable; e.g. ptp_vmclock.ko with --acpi-vmclock).
+    #[arg(long = "guest-module", value_name = "FILE", requires = "kernel")]
+    guest_modules: Vec<PathBuf>,
 }
 
 impl LinuxArgs {
@@ -142,6 +157,7 @@ impl LinuxArgs {
             serial: self.serial.clone(),
             invariant_tsc: self.invariant_tsc,
             acpi_vmclock: self.acpi_vmclock,
+            modules: self.guest_modules.clone(),
         })
     }
 }
@@ -302,9 +318,13 @@ fn main() -> ExitCode {
             memory_mib,
             model,
             no_vm,
+            vmclock_refresh_ms,
+            vmclock_tai_offset_s,
             linux,
         } => {
-            let mut vmm = vmm::Vmm::new();
+            let mut vmm = vmm::Vmm::new()
+                .with_vmclock_refresh(Some(std::time::Duration::from_millis(vmclock_refresh_ms)))
+                .with_tai_offset_fallback(vmclock_tai_offset_s);
             if no_vm {
                 println!("clockvmm: no VM yet (waiting for restore or receive-migration)");
             } else {

@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use guest_clock::restore::{RestoreOptions, RestoreReport};
+use guest_clock::vmclock::{read_vmclock, Refresh, VmclockConfig};
 use guest_clock::{clock_state_from_snapshot, ClockManager, CLOCK_SNAPSHOT_ID};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_migration::protocol::{Command, MemoryRangeTable, Request};
@@ -62,6 +64,24 @@ pub struct Vmm {
     note: String,
     paused: bool,
     phase: Phase,
+    /// How often the refresh thread re-anchors the vmclock page (None: never).
+    vmclock_refresh: Option<Duration>,
+    /// TAI − UTC for the page when the host does not know it.
+    tai_offset_fallback_s: Option<i16>,
+    refresh_stats: RefreshStats,
+}
+
+/// What the vmclock refresh thread did to the current VM's page.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RefreshStats {
+    /// Ticks that found the VM running and asked the updater.
+    pub ticks: u64,
+    /// Of those, the ones that rewrote the page.
+    pub rewrites: u64,
+    /// Failed refreshes.
+    pub errors: u64,
+    /// The last failure.
+    pub last_error: Option<String>,
 }
 
 impl Default for Vmm {
@@ -90,7 +110,70 @@ impl Vmm {
             note: "no VM".into(),
             paused: false,
             phase: Phase::Empty,
+            vmclock_refresh: None,
+            tai_offset_fallback_s: None,
+            refresh_stats: RefreshStats::default(),
         }
+    }
+
+    /// Re-anchor the vmclock page every `period` while the VM runs (see
+    /// [`crate::refresher`]); the updater's own refresh period is set a little shorter, so that
+    /// every tick rewrites. None: the page is written only at creation and restore.
+    pub fn with_vmclock_refresh(mut self, period: Option<Duration>) -> Self {
+        self.vmclock_refresh = period.filter(|p| !p.is_zero());
+        self
+    }
+
+    /// TAI − UTC to publish in the vmclock page when the host does not know it (see
+    /// [`VmclockConfig::tai_offset_fallback_s`]).
+    pub fn with_tai_offset_fallback(mut self, tai_s: Option<i16>) -> Self {
+        self.tai_offset_fallback_s = tai_s;
+        self
+    }
+
+    /// The refresh period asked for.
+    pub fn vmclock_refresh(&self) -> Option<Duration> {
+        self.vmclock_refresh
+    }
+
+    /// One tick of the refresh thread: re-anchor the page of a running VM (no vCPU ioctl:
+    /// [`ClockManager::refresh_vmclock_running`]). Does nothing without a VM, while it is paused
+    /// (its clocks are captured, a snapshot or migration may be under way), or while a
+    /// migration's outcome is unknown; a restore runs under the same lock, and rewrites the page
+    /// itself. Returns whether it asked the updater.
+    pub fn refresh_vmclock(&mut self) -> bool {
+        let (Some(vm), Some(clock)) = (self.vm.as_ref(), self.clock.as_ref()) else {
+            return false;
+        };
+        if self.phase != Phase::Active || self.paused || !vm.is_running() {
+            return false;
+        }
+        let Some(r) = clock.refresh_vmclock_running() else {
+            return false;
+        };
+        let st = &mut self.refresh_stats;
+        st.ticks += 1;
+        match r {
+            Ok(Refresh::Rewritten(reason, abi)) => {
+                st.rewrites += 1;
+                debug!(
+                    "vmclock refreshed ({reason:?}): seq {}, counter {} at {}.{:09}",
+                    abi.seq_count,
+                    abi.counter_value,
+                    abi.time_sec,
+                    guest_clock::math::frac_sec_to_ns(abi.time_frac_sec)
+                );
+            }
+            Ok(Refresh::Unchanged) => {}
+            Err(e) => {
+                st.errors += 1;
+                if st.errors == 1 || st.errors.is_power_of_two() {
+                    warn!("vmclock refresh failed ({} so far): {e}", st.errors);
+                }
+                st.last_error = Some(e.to_string());
+            }
+        }
+        true
     }
 
     /// Create and start a VM (it gets a new identity unless the config carries one).
@@ -110,9 +193,18 @@ impl Vmm {
             cfg.vm_id = crate::vm::new_vm_id();
         }
         let vm = Arc::new(Vm::create(&cfg)?);
-        let clock = ClockManager::new(vm.clock_backend())
-            .with_vmclock(vm.vmclock_memory())
+        let backend = vm.clock_backend();
+        let mut vmclock = VmclockConfig::for_backend(backend.as_ref());
+        vmclock.tai_offset_fallback_s = self.tai_offset_fallback_s;
+        if let Some(p) = self.vmclock_refresh {
+            // A little under the tick: every tick of the refresh thread rewrites.
+            let ns = u64::try_from(p.as_nanos()).unwrap_or(u64::MAX);
+            vmclock.refresh_period_ns = ns - ns / 8;
+        }
+        let clock = ClockManager::new(backend)
+            .with_vmclock_config(vm.vmclock_memory(), vmclock)
             .with_vm_id(cfg.vm_id);
+        self.refresh_stats = RefreshStats::default();
         self.vm = Some(vm.clone());
         self.clock = Some(clock);
         self.paused = false;
@@ -218,6 +310,7 @@ impl Vmm {
         }
         let recent: Vec<_> = vm.linux_samples().into_iter().rev().take(16).collect();
         let marker = self.clock.as_ref().map_or(0, |c| c.vmclock_marker());
+        let page = read_vmclock(vm.vmclock_memory().as_ref()).ok();
         Ok(json!({
             "backend": vm.describe(),
             "tsc_khz": khz,
@@ -226,6 +319,11 @@ impl Vmm {
             "linux_errors": linux_errors,
             "linux_recent_samples": recent,
             "vmclock_disruption_marker": marker,
+            "vmclock": page,
+            "vmclock_refresh": {
+                "period_ms": self.vmclock_refresh.map(|p| p.as_millis() as u64),
+                "stats": self.refresh_stats,
+            },
             "restore_report": self.report,
         }))
     }

@@ -59,14 +59,65 @@ pub struct HostTimeStatus {
     pub tick_us: i64,
     /// `timex.tolerance`, 2⁻¹⁶ ppm: the largest frequency error the kernel assumes.
     pub tolerance_scaled_ppm: i64,
-    /// `timex.tai`, s (TAI − UTC); 0 when nobody told the kernel.
+    /// TAI − UTC, s: `timex.tai`, or (when nobody told the kernel, 0) the system's leap-second
+    /// list ([`LEAP_SECONDS_LIST`], while it has not expired) in [`from_kernel`](Self::from_kernel);
+    /// 0: unknown.
     pub tai_s: i32,
 }
 
+/// The IERS leap-second list as tzdata installs it (what chrony's `leapseclist` reads).
+pub const LEAP_SECONDS_LIST: &str = "/usr/share/zoneinfo/leap-seconds.list";
+
+/// Seconds from the NTP epoch (1900) to the Unix epoch.
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+/// TAI − UTC at `now_unix_s` from the text of an IERS `leap-seconds.list`: the offset of the
+/// last entry at or before `now`, `None` when the list has expired (its `#@` line), has no
+/// expiry or no entry before `now`.
+pub fn tai_from_leap_list(text: &str, now_unix_s: u64) -> Option<i32> {
+    let now = now_unix_s.checked_add(NTP_UNIX_OFFSET)?;
+    let mut expires = None;
+    let mut tai = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(e) = line.strip_prefix("#@") {
+            expires = e.trim().parse::<u64>().ok();
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut w = line.split_whitespace();
+        let (Some(at), Some(off)) = (w.next(), w.next()) else {
+            continue;
+        };
+        let (Ok(at), Ok(off)) = (at.parse::<u64>(), off.parse::<i32>()) else {
+            continue;
+        };
+        if at <= now {
+            tai = Some(off);
+        }
+    }
+    if now >= expires? {
+        return None;
+    }
+    tai
+}
+
 impl HostTimeStatus {
-    /// Read this host's kernel.
+    /// Read this host's kernel; TAI − UTC from the leap-second list when the kernel does not
+    /// know it (no NTP daemon told it: `timex.tai` 0).
     pub fn from_kernel() -> Result<Self, BackendError> {
-        let (tx, rc) = crate::backend::host::read_adjtimex()?;
+        let (mut tx, rc) = crate::backend::host::read_adjtimex()?;
+        if !(10..=1000).contains(&tx.tai) {
+            let now = crate::backend::host::realtime_ns() / 1_000_000_000;
+            if let Some(t) = std::fs::read_to_string(LEAP_SECONDS_LIST)
+                .ok()
+                .and_then(|text| tai_from_leap_list(&text, now))
+            {
+                tx.tai = t;
+            }
+        }
         Ok(HostTimeStatus {
             state: Some(rc),
             status: tx.status,
@@ -227,6 +278,28 @@ mod tests {
         assert_eq!(HostTimeStatus { tai_s: 37, ..s }.tai_offset(), Some(37));
         assert_eq!(HostTimeStatus { tai_s: -5, ..s }.tai_offset(), None);
         assert_eq!(s.realtime_rate(), RealtimeRate::from_adjtimex(10_000, 0));
+    }
+
+    #[test]
+    fn the_leap_list_gives_tai_until_it_expires() {
+        let list = "#\tleap-seconds.list\n#$\t 3929093563\n#@\t3991593600\n\
+                    2272060800\t10\t# 1 Jan 1972\n3644697600\t36\t# 1 Jul 2015\n\
+                    3692217600\t37\t# 1 Jan 2017\n#h\t16edd0f0 3666784f\n";
+        let unix = |ntp: u64| ntp - NTP_UNIX_OFFSET;
+        assert_eq!(tai_from_leap_list(list, unix(3692217600)), Some(37));
+        assert_eq!(tai_from_leap_list(list, unix(3692217599)), Some(36));
+        assert_eq!(tai_from_leap_list(list, unix(2272060800)), Some(10));
+        assert_eq!(tai_from_leap_list(list, unix(2272060799)), None);
+        assert_eq!(tai_from_leap_list(list, unix(3991593599)), Some(37));
+        assert_eq!(tai_from_leap_list(list, unix(3991593600)), None, "expired");
+        let no_expiry: String = list.lines().filter(|l| !l.starts_with("#@")).collect();
+        assert_eq!(tai_from_leap_list(&no_expiry, unix(3692217600)), None);
+        // The system's own list, where there is one (tzdata), gives a plausible value or None.
+        if let Ok(text) = std::fs::read_to_string(LEAP_SECONDS_LIST) {
+            let now = crate::backend::host::realtime_ns() / 1_000_000_000;
+            let t = tai_from_leap_list(&text, now);
+            assert!(t.is_none_or(|t| (37..100).contains(&t)), "{t:?}");
+        }
     }
 
     #[test]

@@ -257,7 +257,37 @@ impl VmclockAbi {
                 && self.flags & VMCLOCK_FLAG_TAI_OFFSET_VALID != 0)
     }
 
-    /// The time a guest reads at counter value `counter`, exactly as ptp_vmclock computes it:
+    /// The TAI a Linux 7.x ptp_vmclock's PHC reads at counter value `counter`: the page's time
+    /// for a TAI page, `sec − tai_offset_sec` for a UTC page with `VMCLOCK_FLAG_TAI_OFFSET_VALID`
+    /// (the driver's sign: `tai_offset_sec` = UTC − TAI); `None` where that driver refuses
+    /// (UNRELIABLE, no counter, a UTC page without a valid offset).
+    pub fn tai_at(&self, counter: u64) -> Option<VmclockTime> {
+        if self.clock_status == VMCLOCK_STATUS_UNRELIABLE
+            || self.counter_id == VMCLOCK_COUNTER_INVALID
+        {
+            return None;
+        }
+        let offset = match self.time_type {
+            VMCLOCK_TIME_TAI => 0,
+            VMCLOCK_TIME_UTC if self.flags & VMCLOCK_FLAG_TAI_OFFSET_VALID != 0 => {
+                -i64::from(self.tai_offset_sec)
+            }
+            _ => return None,
+        };
+        let (sec, frac) = math::vmclock_time_at(
+            self.counter_value,
+            self.period(),
+            self.time_sec,
+            self.time_frac_sec,
+            counter,
+        );
+        Some(VmclockTime {
+            sec: sec.wrapping_add_signed(offset),
+            nsec: math::frac_sec_to_ns(frac),
+        })
+    }
+
+    /// The UTC a guest reads at counter value `counter`, as ptp_vmclock before Linux 7.x computes it:
     /// [`math::vmclock_time_at`], nanoseconds truncated, then its TAI adjustment
     /// (`sec += tai_offset_sec` for TAI with a valid offset). `None` where ptp_vmclock returns
     /// an error: `clock_status` UNRELIABLE, no counter (`counter_id` INVALID), or ambiguous time.

@@ -93,6 +93,28 @@ fn time_at_as_ptp_vmclock() {
         tai.time_at(a.counter_value).unwrap().sec,
         1_764_000_000 - 37
     );
+    // Linux 7.x returns TAI: a TAI page as it is, a UTC page with a valid offset (UTC − TAI,
+    // −37) 37 s ahead, a UTC page without one refused.
+    assert_eq!(tai.tai_at(a.counter_value).unwrap().sec, 1_764_000_000);
+    let utc = VmclockAbi {
+        time_type: VMCLOCK_TIME_UTC,
+        flags: a.flags | VMCLOCK_FLAG_TAI_OFFSET_VALID,
+        ..a
+    };
+    assert_eq!(utc.tai_at(a.counter_value).unwrap().sec, 1_764_000_037);
+    assert_eq!(
+        utc.tai_at(a.counter_value).unwrap().nsec,
+        utc.time_at(a.counter_value).unwrap().nsec
+    );
+    let no_offset = VmclockAbi {
+        flags: a.flags & !VMCLOCK_FLAG_TAI_OFFSET_VALID,
+        ..utc
+    };
+    assert_eq!(no_offset.tai_at(a.counter_value), None);
+    assert!(
+        no_offset.time_at(a.counter_value).is_some(),
+        "the UTC reading"
+    );
 }
 
 #[test]

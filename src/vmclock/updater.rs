@@ -67,6 +67,11 @@ pub struct VmclockConfig {
     /// Bump `vm_generation_counter` on every disrupting restore (see the module docs).
     /// Default true.
     pub bump_generation_on_migration: bool,
+    /// TAI − UTC to publish when the host does not know it (adjtimex 0 and no unexpired
+    /// leap-second list): the operator's knowledge. Default none: no `TAI_OFFSET_VALID` then,
+    /// and Linux 7.x's ptp_vmclock offers no PTP clock.
+    #[serde(default)]
+    pub tai_offset_fallback_s: Option<i16>,
 }
 
 impl Default for VmclockConfig {
@@ -77,6 +82,7 @@ impl Default for VmclockConfig {
             region_size: VMCLOCK_PAGE_SIZE,
             synced_maxerror_limit_us: 1_000_000,
             bump_generation_on_migration: true,
+            tai_offset_fallback_s: None,
         }
     }
 }
@@ -120,9 +126,30 @@ pub struct CounterSample {
     pub vcpus_consistent: bool,
 }
 
-/// Sample the relationship: per vCPU the ratio KVM applies and the offset (attribute, or MSR
-/// bracketed by host TSC reads), then one `KVM_GET_CLOCK`.
-pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample, VmclockError> {
+/// The per-vCPU half of a [`CounterSample`]: how the guest's TSC derives from the host's (what
+/// only the VMM changes: a restore, a TSC rate or offset it sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRelation {
+    /// Host TSC nominal rate, kHz.
+    pub host_tsc_khz: u32,
+    /// TSC scaling ratio KVM applies to vCPU 0.
+    pub ratio: u64,
+    /// Fractional bits of the ratio (0: no scaling hardware).
+    pub frac_bits: u8,
+    /// vCPU 0's TSC offset.
+    pub tsc_offset_ticks: u64,
+    /// Every vCPU has vCPU 0's ratio and offset (one counter relationship fits all).
+    pub vcpus_consistent: bool,
+    /// The MSR read bracket without the offset attribute, ns (0: the offset is exact).
+    pub offset_uncertainty_ns: u64,
+}
+
+/// Sample the per-vCPU relationship: the ratio KVM applies and the offset (attribute, or MSR
+/// bracketed by host TSC reads) of every vCPU. These are vCPU ioctls: each waits until its vCPU
+/// is outside `KVM_RUN`.
+pub fn sample_counter_relation(
+    backend: &dyn ClockBackend,
+) -> Result<CounterRelation, VmclockError> {
     let caps = backend.capabilities();
     let host_khz = backend.host_info()?.identity.host_tsc_khz;
     if host_khz == 0 {
@@ -161,6 +188,22 @@ pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample,
         }
     }
     let (ratio, offset) = first.unwrap_or((1, 0));
+    Ok(CounterRelation {
+        host_tsc_khz: host_khz,
+        ratio,
+        frac_bits: frac,
+        tsc_offset_ticks: offset,
+        vcpus_consistent: consistent,
+        offset_uncertainty_ns: math::ticks_to_ns_round(msr_unc_ticks, host_khz),
+    })
+}
+
+/// Sample the VM-wide half: one `KVM_GET_CLOCK` (a VM ioctl: it never waits for a vCPU), the
+/// guest TSC at its instant through `rel`.
+pub fn sample_guest_counter_with(
+    backend: &dyn ClockBackend,
+    rel: &CounterRelation,
+) -> Result<CounterSample, VmclockError> {
     let r0 = backend.host_realtime_ns();
     let t0 = backend.host_tsc_ticks();
     let d = backend.get_clock()?;
@@ -177,23 +220,35 @@ pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample,
         )
     };
     Ok(CounterSample {
-        guest_tsc_ticks: math::guest_tsc_ticks(h, ratio, frac, offset),
+        guest_tsc_ticks: math::guest_tsc_ticks(h, rel.ratio, rel.frac_bits, rel.tsc_offset_ticks),
         realtime_ns: r,
         host_tsc_ticks: h,
-        uncertainty_ns: bracket_ns.saturating_add(math::ticks_to_ns_round(msr_unc_ticks, host_khz)),
-        host_tsc_khz: host_khz,
-        ratio,
-        frac_bits: frac,
-        tsc_offset_ticks: offset,
-        vcpus_consistent: consistent,
+        uncertainty_ns: bracket_ns.saturating_add(rel.offset_uncertainty_ns),
+        host_tsc_khz: rel.host_tsc_khz,
+        ratio: rel.ratio,
+        frac_bits: rel.frac_bits,
+        tsc_offset_ticks: rel.tsc_offset_ticks,
+        vcpus_consistent: rel.vcpus_consistent,
     })
+}
+
+/// Sample the relationship: per vCPU the ratio KVM applies and the offset
+/// ([`sample_counter_relation`]), then one `KVM_GET_CLOCK` ([`sample_guest_counter_with`]).
+pub fn sample_guest_counter(backend: &dyn ClockBackend) -> Result<CounterSample, VmclockError> {
+    let rel = sample_counter_relation(backend)?;
+    sample_guest_counter_with(backend, &rel)
 }
 
 /// Build the whole structure from a sample and the host's clock discipline.
 ///
-/// - `time_type` UTC, `tai_offset_sec` = adjtimex's TAI offset with `TAI_OFFSET_VALID` when the
-///   kernel knows it (UTC rather than TAI: ptp_vmclock and ClockBound take UTC as it is, and the
-///   sign of `tai_offset_sec` for TAI time differs between the UAPI text and ptp_vmclock);
+/// - `time_type` UTC (the host's CLOCK_REALTIME) with `TAI_OFFSET_VALID` when the host knows
+///   TAI − UTC ([`HostTimeStatus::tai_offset`]: adjtimex, else the leap-second list), and
+///   `tai_offset_sec` = UTC − TAI (−37 s since 2017) — the sign both generations of Linux's
+///   ptp_vmclock compute with: before 7.x it returned UTC (TAI + offset for TAI pages), from 7.x
+///   it returns TAI (UTC − offset for UTC pages, refusing a UTC page without a valid offset:
+///   "vmclock does not provide unambiguous time"). The UAPI text calls the field the "offset
+///   from TAI to UTC" with the value 37; the drivers, the only consumers checked, disagree with
+///   that sign, and a UTC page read through them is right with either driver only this way;
 /// - `clock_status` per [`HostTimeStatus::clock_status`], UNRELIABLE when the vCPUs' TSCs differ
 ///   (one relationship cannot serve them all);
 /// - time errors from adjtimex maxerror/esterror plus the sample's own uncertainty, VALID only
@@ -230,7 +285,7 @@ pub fn build_vmclock(
         status = VMCLOCK_STATUS_UNRELIABLE;
     }
     let mut flags = VMCLOCK_FLAG_VM_GEN_COUNTER_PRESENT;
-    let tai = host.tai_offset();
+    let tai = host.tai_offset().or(config.tai_offset_fallback_s);
     if tai.is_some() {
         flags |= VMCLOCK_FLAG_TAI_OFFSET_VALID;
     }
@@ -266,7 +321,7 @@ pub fn build_vmclock(
         flags,
         clock_status: status,
         leap_second_smearing_hint: 0,
-        tai_offset_sec: tai.unwrap_or(0),
+        tai_offset_sec: tai.map_or(0, |t| -t),
         leap_indicator: if status == VMCLOCK_STATUS_UNRELIABLE {
             VMCLOCK_LEAP_NONE
         } else {
@@ -332,6 +387,9 @@ struct State {
     marker: u64,
     generation: u64,
     last: Option<(VmclockAbi, u64, HostKey, CounterKey)>,
+    /// The per-vCPU relationship of the last full sample (what
+    /// [`VmclockUpdater::refresh_running`] reuses).
+    relation: Option<CounterRelation>,
 }
 
 /// Owns a guest's vmclock page on the host side. Thread-safe (`&self` everywhere): a VMM may
@@ -366,6 +424,7 @@ impl VmclockUpdater {
                 marker,
                 generation,
                 last: None,
+                relation: None,
             }),
         }
     }
@@ -415,7 +474,7 @@ impl VmclockUpdater {
                 status: host.clock_status(self.config.synced_maxerror_limit_us),
                 leap: host.leap_indicator(),
                 // maxerror grows continuously: refreshed by the period, not compared.
-                tai: host.tai_offset(),
+                tai: host.tai_offset().or(self.config.tai_offset_fallback_s),
             },
             CounterKey {
                 host_tsc_khz: sample.host_tsc_khz,
@@ -455,8 +514,10 @@ impl VmclockUpdater {
     /// Rewrite now, whatever the age of the page.
     pub fn write_now(&self, backend: &dyn ClockBackend) -> Result<VmclockAbi, VmclockError> {
         let host = self.host_status(backend)?;
-        let sample = sample_guest_counter(backend)?;
+        let rel = sample_counter_relation(backend)?;
+        let sample = sample_guest_counter_with(backend, &rel)?;
         let mut st = self.lock();
+        st.relation = Some(rel);
         self.write_locked(&mut st, &sample, &host, RefreshReason::Forced)
     }
 
@@ -467,9 +528,41 @@ impl VmclockUpdater {
     /// host TSC changed, or when the refresh period elapsed; else writes nothing.
     pub fn refresh(&self, backend: &dyn ClockBackend) -> Result<Refresh, VmclockError> {
         let host = self.host_status(backend)?;
-        let sample = sample_guest_counter(backend)?;
-        let (hk, ck) = self.keys(&sample, &host);
+        let rel = sample_counter_relation(backend)?;
+        let sample = sample_guest_counter_with(backend, &rel)?;
         let mut st = self.lock();
+        st.relation = Some(rel);
+        self.refresh_locked(&mut st, &sample, &host)
+    }
+
+    /// [`refresh`](Self::refresh) for a VM whose vCPUs are running: samples only VM-wide state
+    /// (adjtimex and one `KVM_GET_CLOCK`, which never wait for a vCPU) and reuses the per-vCPU
+    /// TSC ratio and offset of the last full sample. A vCPU ioctl waits until its vCPU leaves
+    /// `KVM_RUN`, and an idle Linux vCPU (in-kernel irqchip) may not for seconds, so a timer
+    /// thread calls this one. The per-vCPU relationship changes only by the VMM's doing (a
+    /// restore, which rewrites the page through [`after_restore`](Self::after_restore)) or by a
+    /// guest write to its TSC MSRs, which the next full refresh (at a pause, say) catches.
+    /// Without any full sample yet it takes one.
+    pub fn refresh_running(&self, backend: &dyn ClockBackend) -> Result<Refresh, VmclockError> {
+        let host = self.host_status(backend)?;
+        let known = self.lock().relation;
+        let rel = match known {
+            Some(r) => r,
+            None => sample_counter_relation(backend)?,
+        };
+        let sample = sample_guest_counter_with(backend, &rel)?;
+        let mut st = self.lock();
+        st.relation.get_or_insert(rel);
+        self.refresh_locked(&mut st, &sample, &host)
+    }
+
+    fn refresh_locked(
+        &self,
+        st: &mut State,
+        sample: &CounterSample,
+        host: &HostTimeStatus,
+    ) -> Result<Refresh, VmclockError> {
+        let (hk, ck) = self.keys(sample, host);
         let reason = match st.last {
             None => RefreshReason::First,
             Some((_, _, h, _)) if h != hk => RefreshReason::HostChanged,
@@ -484,7 +577,7 @@ impl VmclockUpdater {
         if reason == RefreshReason::HostChanged {
             info!("vmclock: host clock discipline changed, rewriting at once");
         }
-        let abi = self.write_locked(&mut st, &sample, &host, reason)?;
+        let abi = self.write_locked(st, sample, host, reason)?;
         Ok(Refresh::Rewritten(reason, abi))
     }
 
@@ -503,12 +596,14 @@ impl VmclockUpdater {
         disruption_marker: u64,
     ) -> Result<VmclockAbi, VmclockError> {
         let host = self.host_status(backend)?;
-        let sample = sample_guest_counter(backend)?;
+        let rel = sample_counter_relation(backend)?;
+        let sample = sample_guest_counter_with(backend, &rel)?;
         let page_gen = match read_vmclock(self.mem.as_ref()) {
             Ok(a) if a.magic == VMCLOCK_MAGIC => Some(a.vm_generation_counter),
             _ => None,
         };
         let mut st = self.lock();
+        st.relation = Some(rel);
         let current = page_gen.unwrap_or(st.generation);
         st.generation = if disrupted && self.config.bump_generation_on_migration {
             match page_gen {

@@ -652,6 +652,13 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether the vCPUs run: started, not paused, not stopped (a Linux guest that shut down).
+    pub fn is_running(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+            && !self.shared.pause_requested.load(Ordering::SeqCst)
+            && !self.shared.stop.load(Ordering::SeqCst)
+    }
+
     /// Whether a pause is in force.
     pub fn is_paused(&self) -> bool {
         self.shared.pause_requested.load(Ordering::SeqCst)

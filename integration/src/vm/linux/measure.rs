@@ -9,7 +9,7 @@
 use guest_clock::math;
 use serde::{Deserialize, Serialize};
 
-use super::probe::ProbeSample;
+use super::probe::{PhcSample, ProbeSample};
 
 /// One (host TSC, host CLOCK_REALTIME) pair from a single KVM_GET_CLOCK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +103,88 @@ pub fn map_sample(
     })
 }
 
+/// A reading of the guest's vmclock PHC (ptp_vmclock) beside its system clock, against host
+/// time.
+///
+/// Two ways to the PHC's error:
+/// - through the system clock: `phc_error_ns` = (PHC − guest CLOCK_REALTIME at the middle of the
+///   ioctl's bracket) + the guest CLOCK_REALTIME error of the `s` sample taken just before on the
+///   same vCPU (exactly mapped through its TSC); it assumes the guest's realtime error did not
+///   move between the two (they are microseconds apart);
+/// - directly: `phc_error_direct_ns` = PHC − host realtime at the TSC midpoint of the whole
+///   ioctl (`direct_bracket_ns` is half the ioctl's span: n readings, so coarser).
+///
+/// A PHC's timescale is TAI (Linux 7.x's ptp_vmclock) or UTC (older ones): both errors are
+/// against the host's time on the PHC's timescale, `timescale_offset_s` whole seconds from its
+/// UTC (TAI − UTC, 37 s, for a TAI PHC; 0 for UTC), found as the whole seconds of PHC − host
+/// UTC (not of PHC − guest realtime: the guest's own realtime may be seconds off).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxPhcSample {
+    /// vCPU.
+    pub vcpu: usize,
+    /// The `s` sample it follows.
+    pub seq: u64,
+    /// The PTP device.
+    pub dev: String,
+    /// The PHC's time, ns.
+    pub phc_ns: u64,
+    /// Width of the guest CLOCK_REALTIME bracket around the PHC reading, ns.
+    pub realtime_bracket_ns: u64,
+    /// PHC − guest CLOCK_REALTIME, ns (with the timescale's whole seconds).
+    pub phc_minus_guest_realtime_ns: i64,
+    /// The PHC's timescale − UTC, whole seconds (37 for TAI, 0 for UTC).
+    #[serde(default)]
+    pub timescale_offset_s: i64,
+    /// The guest's CLOCK_REALTIME − host CLOCK_REALTIME at the `s` sample, ns (its system clock
+    /// error, shown beside the PHC's).
+    pub guest_realtime_error_ns: Option<i64>,
+    /// PHC − host time on the PHC's timescale, through the system clock, ns.
+    pub phc_error_ns: Option<i64>,
+    /// PHC − host time on the PHC's timescale at the ioctl's TSC midpoint, ns.
+    pub phc_error_direct_ns: Option<i64>,
+    /// Half the ioctl's span in host time, ns (the direct error's uncertainty).
+    pub direct_bracket_ns: u64,
+}
+
+/// Map a PHC reading: `sample` is the mapped `s` sample with its vCPU and sequence number
+/// (None: not mappable, the system-clock route is then absent too).
+pub fn map_phc(
+    p: &PhcSample,
+    sample: Option<&LinuxSample>,
+    offsets: &[u64],
+    refs: &[HostRef],
+    host_khz: u32,
+) -> LinuxPhcSample {
+    let rt_err = sample
+        .filter(|s| s.vcpu == p.cpu && s.seq == p.seq)
+        .map(LinuxSample::realtime_error_ns);
+    let phc_minus = p.phc_minus_realtime_ns();
+    // PHC − host UTC both ways, then the timescale: its whole seconds, rounded to the nearest
+    // (a PHC error is far below half a second; the guest's own realtime error may not be).
+    let via_system = rt_err.map(|e| e.saturating_add(phc_minus));
+    let direct_raw = offsets.get(p.cpu).and_then(|off| {
+        host_realtime_at(refs, host_khz, p.tsc_mid().wrapping_sub(*off))
+            .map(|h| math::diff_signed(p.phc_ns, h))
+    });
+    let timescale_offset_s = via_system.or(direct_raw).map_or(0, |raw| {
+        raw.saturating_add(raw.signum() * 500_000_000) / 1_000_000_000
+    });
+    let scale_ns = timescale_offset_s * 1_000_000_000;
+    LinuxPhcSample {
+        vcpu: p.cpu,
+        seq: p.seq,
+        dev: p.dev.clone(),
+        phc_ns: p.phc_ns,
+        realtime_bracket_ns: p.rt1_ns.saturating_sub(p.rt0_ns),
+        phc_minus_guest_realtime_ns: phc_minus,
+        timescale_offset_s,
+        guest_realtime_error_ns: rt_err,
+        phc_error_ns: via_system.map(|r| r.saturating_sub(scale_ns)),
+        phc_error_direct_ns: direct_raw.map(|r| r.saturating_sub(scale_ns)),
+        direct_bracket_ns: math::ticks_to_ns_round(p.tsc1.saturating_sub(p.tsc0), host_khz) / 2,
+    }
+}
+
 /// What a disruption did to the guest's clocks, from the last sample of a vCPU before it and
 /// the first one after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +263,89 @@ mod tests {
         assert_eq!(m.host_realtime_ns, 10_500_050);
         assert_eq!(m.realtime_error_ns(), 20);
         assert!(map_sample(&s, &[0], &refs, 2_000_000).is_none());
+    }
+
+    #[test]
+    fn a_phc_reading_is_mapped_both_ways() {
+        // 1 GHz host TSC, offset 1000 on vCPU 0; host realtime = 5e9 + host TSC.
+        let refs = [
+            HostRef {
+                host_tsc: 0,
+                realtime_ns: 5_000_000_000,
+            },
+            HostRef {
+                host_tsc: 1_000_000_000,
+                realtime_ns: 6_000_000_000,
+            },
+        ];
+        let s = ProbeSample {
+            cpu: 0,
+            seq: 4,
+            tsc0: 100_000_000,
+            realtime_ns: 5_099_999_000 + 300, // guest realtime 300 ns ahead
+            monotonic_ns: 1,
+            boottime_ns: 1,
+            tsc1: 100_000_000,
+        };
+        let mapped = map_sample(&s, &[1000], &refs, 1_000_000).unwrap();
+        assert_eq!(mapped.realtime_error_ns(), 300);
+        // The PHC read 10 µs later, 200 ns behind the guest's realtime.
+        let p = PhcSample {
+            cpu: 0,
+            seq: 4,
+            dev: "ptp0".into(),
+            tsc0: 100_009_000,
+            phc_ns: 5_100_009_100,
+            rt0_ns: 5_100_008_800,
+            rt1_ns: 5_100_009_800,
+            tsc1: 100_011_000,
+            n: 3,
+        };
+        let m = map_phc(&p, Some(&mapped), &[1000], &refs, 1_000_000);
+        assert_eq!(m.phc_minus_guest_realtime_ns, -200);
+        assert_eq!(m.guest_realtime_error_ns, Some(300));
+        assert_eq!(m.phc_error_ns, Some(100));
+        // Direct: host realtime at TSC 100_010_000 − 1000 is 5_100_009_000.
+        assert_eq!(m.phc_error_direct_ns, Some(100));
+        assert_eq!(m.direct_bracket_ns, 1_000);
+        assert_eq!(m.realtime_bracket_ns, 1_000);
+        // Another sample (or none): no system-clock route.
+        let other = LinuxSample { seq: 5, ..mapped };
+        let m = map_phc(&p, Some(&other), &[1000], &refs, 1_000_000);
+        assert_eq!((m.guest_realtime_error_ns, m.phc_error_ns), (None, None));
+        assert!(map_phc(&p, None, &[], &refs, 1_000_000)
+            .phc_error_direct_ns
+            .is_none());
+        assert_eq!(m.timescale_offset_s, 0);
+        // A TAI PHC (Linux 7.x) 37 s ahead: the same errors on its timescale.
+        let tai = PhcSample {
+            phc_ns: p.phc_ns + 37_000_000_000,
+            ..p.clone()
+        };
+        let m = map_phc(&tai, Some(&mapped), &[1000], &refs, 1_000_000);
+        assert_eq!(m.timescale_offset_s, 37);
+        assert_eq!(m.phc_minus_guest_realtime_ns, 37_000_000_000 - 200);
+        assert_eq!(
+            (m.phc_error_ns, m.phc_error_direct_ns),
+            (Some(100), Some(100))
+        );
+        // A guest realtime 1.5 s behind (as seen nested) does not move the timescale.
+        let late = LinuxSample {
+            guest_realtime_ns: mapped.guest_realtime_ns - 1_500_000_000,
+            ..mapped
+        };
+        let lagging = PhcSample {
+            rt0_ns: tai.rt0_ns - 1_500_000_000,
+            rt1_ns: tai.rt1_ns - 1_500_000_000,
+            ..tai.clone()
+        };
+        let m = map_phc(&lagging, Some(&late), &[1000], &refs, 1_000_000);
+        assert_eq!(m.timescale_offset_s, 37);
+        assert_eq!(m.guest_realtime_error_ns, Some(300 - 1_500_000_000));
+        assert_eq!(
+            (m.phc_error_ns, m.phc_error_direct_ns),
+            (Some(100), Some(100))
+        );
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct LinuxConfig {
     /// guest's ptp_vmclock driver.
     #[serde(default)]
     pub acpi_vmclock: bool,
+    /// Kernel modules (`.ko`, or `.ko.xz` decompressed by the host's `xz`) appended to the
+    /// initramfs; the probe loads them in this order before sampling.
+    #[serde(default)]
+    pub modules: Vec<PathBuf>,
 }
 
 /// The Linux guest's devices (the irqchip and PIT are in KVM).
@@ -98,6 +102,27 @@ pub struct LinuxObservation {
     pub console_lines: u64,
     /// Why the guest stopped, if it has.
     pub stopped: Option<String>,
+    /// Kernel modules the probe loaded: (name, finit_module result: 0 or −errno).
+    #[serde(default)]
+    pub modules: Vec<(String, i64)>,
+    /// The vmclock PTP clock (ptp_vmclock's) the probe reads, `ptpN`.
+    #[serde(default)]
+    pub phc_device: Option<String>,
+    /// Why the probe found no vmclock PTP clock.
+    #[serde(default)]
+    pub phc_unavailable: Option<String>,
+    /// PHC readings that failed (the probe reports the first few).
+    #[serde(default)]
+    pub phc_errors: Vec<String>,
+    /// The latest PHC reading of every vCPU, with its error beside the system clock's.
+    #[serde(default)]
+    pub phc_latest: Vec<measure::LinuxPhcSample>,
+    /// The vmclock structure as the guest last read it from `/dev/vmclockN`.
+    #[serde(default)]
+    pub guest_vmclock: Option<probe::GuestVmclockView>,
+    /// Why the guest has no vmclock device.
+    #[serde(default)]
+    pub guest_vmclock_unavailable: Option<String>,
 }
 
 impl LinuxDevices {
@@ -143,23 +168,42 @@ impl LinuxDevices {
             .collect()
     }
 
-    /// The observation: the latest sample of each vCPU, the clocksource, the complaints.
+    /// The observation: the latest sample of each vCPU, the clocksource, the complaints, the
+    /// latest PHC reading of each vCPU.
     pub fn observe(&self, host_khz: u32) -> LinuxObservation {
         let all = self.samples(host_khz);
         let mut latest: Vec<measure::LinuxSample> = Vec::new();
-        for s in all.into_iter().rev() {
+        for s in all.iter().rev() {
             if !latest.iter().any(|l| l.vcpu == s.vcpu) {
-                latest.push(s);
+                latest.push(*s);
             }
         }
         latest.sort_by_key(|s| s.vcpu);
+        let offsets = lock(&self.offsets).clone();
+        let refs: Vec<_> = lock(&self.refs).iter().copied().collect();
         let log = lock(&self.console.log);
+        let mut phc_latest: Vec<measure::LinuxPhcSample> = Vec::new();
+        for p in log.phc.iter().rev() {
+            if phc_latest.iter().any(|l| l.vcpu == p.cpu) {
+                continue;
+            }
+            let s = all.iter().rev().find(|s| s.vcpu == p.cpu && s.seq == p.seq);
+            phc_latest.push(measure::map_phc(p, s, &offsets, &refs, host_khz));
+        }
+        phc_latest.sort_by_key(|p| p.vcpu);
         LinuxObservation {
             latest,
             clocksource: log.clocksource.clone(),
             complaints: log.complaints.clone(),
             console_lines: log.total_lines,
             stopped: lock(&self.stopped).clone(),
+            modules: log.modules.clone(),
+            phc_device: log.phc_device.clone(),
+            phc_unavailable: log.phc_unavailable.clone(),
+            phc_errors: log.phc_errors.clone(),
+            phc_latest,
+            guest_vmclock: log.guest_vmclock.clone(),
+            guest_vmclock_unavailable: log.guest_vmclock_unavailable.clone(),
         }
     }
 }
@@ -215,7 +259,7 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
     let size = cfg.memory_mib << 20;
     let mem = super::guest_memory(&vm, size)?;
 
-    let initrd = match &lc.initrd {
+    let mut initrd = match &lc.initrd {
         Some(p) => read_bounded(p, size as u64)?,
         None => initramfs::probe_initramfs().ok_or_else(|| {
             VmError::Invalid(
@@ -225,6 +269,13 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
             )
         })?,
     };
+    let modules = lc
+        .modules
+        .iter()
+        .map(|m| initramfs::load_module(m, size as u64))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(VmError::Invalid)?;
+    initramfs::append_modules(&mut initrd, &modules);
     let mut devices = Vec::new();
     if lc.acpi_vmclock {
         let (base, len) = layout::VMCLOCK_PAGE;

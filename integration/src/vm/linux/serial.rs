@@ -10,7 +10,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::probe::{self, ProbeLine, ProbeSample};
+use super::probe::{self, GuestVmclockView, PhcSample, ProbeLine, ProbeSample};
 use crate::vm::lock;
 
 /// COM1's first port.
@@ -23,6 +23,10 @@ pub const MAX_LINES: usize = 4096;
 pub const MAX_SAMPLES: usize = 100_000;
 /// The longest line kept whole (longer ones are cut).
 pub const MAX_LINE: usize = 4096;
+/// PHC readings kept.
+pub const MAX_PHC: usize = 10_000;
+/// Module results, PHC errors kept.
+pub const MAX_NOTES: usize = 64;
 
 /// The serial interrupt: an eventfd registered as an irqfd on GSI 4.
 pub struct IrqTrigger(pub EventFd);
@@ -52,6 +56,20 @@ pub struct ConsoleLog {
     pub complaints: Vec<String>,
     /// The probe said goodbye.
     pub probe_done: bool,
+    /// Modules the probe loaded: (name, finit_module result).
+    pub modules: Vec<(String, i64)>,
+    /// The vmclock PTP clock the probe found (`ptpN`).
+    pub phc_device: Option<String>,
+    /// Why the probe found no vmclock PTP clock.
+    pub phc_unavailable: Option<String>,
+    /// Failed PHC readings (the probe reports the first few).
+    pub phc_errors: Vec<String>,
+    /// The PHC readings, oldest first (the last [`MAX_PHC`]).
+    pub phc: VecDeque<PhcSample>,
+    /// The vmclock structure as the guest last read it.
+    pub guest_vmclock: Option<GuestVmclockView>,
+    /// Why the guest has no vmclock device (or its read failed).
+    pub guest_vmclock_unavailable: Option<String>,
 }
 
 impl ConsoleLog {
@@ -79,6 +97,26 @@ impl ConsoleLog {
             Some(ProbeLine::Clocksource(c)) => self.clocksource = Some(c),
             Some(ProbeLine::Hello { cpus }) => self.probe_cpus = cpus,
             Some(ProbeLine::Bye) => self.probe_done = true,
+            Some(ProbeLine::Module { name, rc }) => {
+                if self.modules.len() < MAX_NOTES {
+                    self.modules.push((name, rc));
+                }
+            }
+            Some(ProbeLine::PhcFound { dev, .. }) => self.phc_device = Some(dev),
+            Some(ProbeLine::PhcNone(why)) => self.phc_unavailable = Some(why),
+            Some(ProbeLine::PhcError(e)) => {
+                if self.phc_errors.len() < MAX_NOTES {
+                    self.phc_errors.push(e);
+                }
+            }
+            Some(ProbeLine::Phc(p)) => {
+                if self.phc.len() == MAX_PHC {
+                    self.phc.pop_front();
+                }
+                self.phc.push_back(p);
+            }
+            Some(ProbeLine::Vmclock(v)) => self.guest_vmclock = Some(v),
+            Some(ProbeLine::VmclockNone(why)) => self.guest_vmclock_unavailable = Some(why),
             None => {
                 if probe::is_time_complaint(&line) && self.complaints.len() < 1000 {
                     self.complaints.push(line.clone());
@@ -141,11 +179,18 @@ mod tests {
         let mut w = ConsoleWriter(c.clone());
         w.write_all(b"[    0.1] hello\r\nGCPROBE hello v=1 cpus=2 period_ms=100\nGCPROBE s cpu=1 seq=3 tsc0=10 rt=20 mono=30 boot=40 tsc1=12\n")
             .unwrap();
+        w.write_all(b"GCPROBE mod name=ptp_vmclock rc=0\nGCPROBE phc found dev=ptp0 name=vmclock0\nGCPROBE phc cpu=1 seq=3 dev=ptp0 tsc0=13 phc=25 rt0=21 rt1=23 tsc1=15 n=3\nGCPROBE vmclock dev=vmclock0 seq=4 status=2 marker=0 gen=0 flags=256 counter_id=1\n")
+            .unwrap();
         w.write_all(b"clocksource: timekeeping watchdog on CPU1: Marking clocksource 'tsc' as unstable\npartial")
             .unwrap();
         let log = lock(&c.log);
-        assert_eq!(log.total_lines, 4);
+        assert_eq!(log.total_lines, 8);
         assert_eq!(log.probe_cpus, 2);
+        assert_eq!(log.modules, vec![("ptp_vmclock".to_string(), 0)]);
+        assert_eq!(log.phc_device.as_deref(), Some("ptp0"));
+        assert_eq!(log.phc.len(), 1);
+        assert_eq!(log.phc[0].phc_minus_realtime_ns(), 3);
+        assert_eq!(log.guest_vmclock.as_ref().map(|v| v.seq_count), Some(4));
         assert_eq!(log.samples.len(), 1);
         assert_eq!(log.samples[0].cpu, 1);
         assert_eq!(log.complaints.len(), 1);
