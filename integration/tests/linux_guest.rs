@@ -293,7 +293,12 @@ fn modules() -> Result<Vec<PathBuf>, String> {
 }
 
 /// Boot with the vmclock ACPI device, a 200 ms page refresh and the guest modules.
-fn boot_vmclock(k: &Path, mods: &[PathBuf], more: &[&str]) -> (Proc, PathBuf, PathBuf) {
+fn boot_vmclock(
+    k: &Path,
+    tag: &str,
+    mods: &[PathBuf],
+    more: &[&str],
+) -> (Proc, Dir, PathBuf, PathBuf) {
     let mut extra: Vec<String> = vec![
         "--acpi-vmclock".into(),
         "--vmclock-refresh-ms".into(),
@@ -309,7 +314,8 @@ fn boot_vmclock(k: &Path, mods: &[PathBuf], more: &[&str]) -> (Proc, PathBuf, Pa
         extra.push(m.display().to_string());
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    boot(k, &extra)
+    let (p, d, sock, serial, _) = boot_sampled(k, tag, &extra);
+    (p, d, sock, serial)
 }
 
 /// Wait for a PHC reading on every vCPU; Err(the observation) when the probe found no vmclock
@@ -411,7 +417,7 @@ fn ptp_vmclock_gives_the_guest_a_phc_that_reads_host_time() {
             return;
         }
     };
-    let (_p, sock, serial) = boot_vmclock(&k, &mods, &["--invariant-tsc"]);
+    let (_p, _d, sock, serial) = boot_vmclock(&k, "phc-tsc", &mods, &["--invariant-tsc"]);
     let c = wait_phc(&sock, &serial)
         .unwrap_or_else(|linux| panic!("no PHC readings: {linux}\n{}", clock_lines(&serial)));
     check_phc(&c, 1_000_000);
@@ -450,7 +456,7 @@ fn ptp_vmclock_beside_kvm_clock() {
             return;
         }
     };
-    let (_p, sock, serial) = boot_vmclock(&k, &mods, &[]);
+    let (_p, _d, sock, serial) = boot_vmclock(&k, "phc-kvmclock", &mods, &[]);
     match wait_phc(&sock, &serial) {
         Ok(c) => {
             check_phc(&c, 1_000_000);

@@ -140,6 +140,7 @@ fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Vm, String> {
             serial: Some(cfg.console_dir.join(format!("console-{name}.log"))),
             invariant_tsc,
             acpi_vmclock: false,
+            ..Default::default()
         }),
     };
     let vm = Vm::create(&vm_cfg).map_err(|e| e.to_string())?;
