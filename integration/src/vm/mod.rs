@@ -198,6 +198,9 @@ enum Engine {
     },
 }
 
+/// A Linux guest's VM fd, vCPUs and devices, borrowed.
+type LinuxMachine<'a> = (&'a VmFd, &'a [Arc<Mutex<VcpuFd>>], &'a linux::LinuxDevices);
+
 /// A VM with running (or paused) vCPUs.
 pub struct Vm {
     engine: Engine,
@@ -415,17 +418,24 @@ impl Vm {
         }
     }
 
+    /// A Linux guest's VM, vCPUs and devices (None: the tiny guest or the model).
+    fn linux_machine(&self) -> Option<LinuxMachine<'_>> {
+        match &self.engine {
+            Engine::Kvm {
+                _vm: vm,
+                vcpus,
+                linux: Some(dev),
+                ..
+            } => Some((vm, vcpus, dev)),
+            _ => None,
+        }
+    }
+
     /// The machine state beyond memory and clocks, as CH-shaped snapshot children (a Linux
     /// guest: `cpu-manager/<n>`, `device-manager/<device>`; the tiny guest has none, its VMM
     /// restarts its loop). The vCPUs must be paused.
     pub fn save_machine(&self) -> Result<Vec<(String, vm_migration::Snapshot)>, VmError> {
-        let Engine::Kvm {
-            _vm: vm,
-            vcpus,
-            linux: Some(dev),
-            ..
-        } = &self.engine
-        else {
+        let Some((vm, vcpus, dev)) = self.linux_machine() else {
             return Ok(Vec::new());
         };
         if self.started.load(Ordering::SeqCst) && !self.is_paused() {
@@ -451,13 +461,7 @@ impl Vm {
     /// plugin: everything but the late MSRs, which [`Vm::start`] writes after the plugin's
     /// clock restore (see [`linux::state`] for the contract).
     pub fn restore_machine(&self, m: &linux::state::MachineState) -> Result<(), VmError> {
-        let Engine::Kvm {
-            _vm: vm,
-            vcpus,
-            linux: Some(dev),
-            ..
-        } = &self.engine
-        else {
+        let Some((vm, vcpus, dev)) = self.linux_machine() else {
             return Ok(());
         };
         if self.started.load(Ordering::SeqCst) {
@@ -488,12 +492,7 @@ impl Vm {
 
     /// Write the late MSRs of a machine restore (after the plugin restored the clocks).
     fn write_late_msrs(&self) -> Result<(), VmError> {
-        let Engine::Kvm {
-            vcpus,
-            linux: Some(dev),
-            ..
-        } = &self.engine
-        else {
+        let Some((_, vcpus, dev)) = self.linux_machine() else {
             return Ok(());
         };
         let late = std::mem::take(&mut *lock(&dev.late_msrs));
