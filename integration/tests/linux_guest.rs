@@ -376,9 +376,10 @@ fn check_phc(c: &Value, bound_ns: i64) -> String {
     for p in linux["phc_latest"].as_array().unwrap() {
         let e = p["phc_error_ns"].as_i64().unwrap();
         eprintln!(
-            "vCPU {}: PHC − host = {e} ns (direct {} ± {} ns); guest CLOCK_REALTIME − host = {} \
-             ns; PHC − guest realtime = {} ns (bracket {} ns)",
+            "vCPU {}: PHC − host = {e} ± {} ns (direct {} ± {} ns); guest CLOCK_REALTIME − host \
+             = {} ns; PHC − guest realtime = {} ns (bracket {} ns)",
             p["vcpu"],
+            p["sample_bracket_ns"],
             p["phc_error_direct_ns"],
             p["direct_bracket_ns"],
             p["guest_realtime_error_ns"],

@@ -72,6 +72,10 @@ pub struct LinuxSample {
     pub host_realtime_ns: u64,
     /// The TSC offset used for the mapping.
     pub tsc_offset: u64,
+    /// Half the sample's RDTSC bracket in host time, ns (its mapping's uncertainty: a vCPU
+    /// exit between the two reads widens it).
+    #[serde(default)]
+    pub bracket_ns: u64,
 }
 
 impl LinuxSample {
@@ -100,6 +104,7 @@ pub fn map_sample(
         guest_boottime_ns: s.boottime_ns,
         host_realtime_ns: host_realtime_at(refs, host_khz, host_tsc)?,
         tsc_offset: offset,
+        bracket_ns: math::ticks_to_ns_round(s.tsc1.saturating_sub(s.tsc0), host_khz) / 2,
     })
 }
 
@@ -138,6 +143,10 @@ pub struct LinuxPhcSample {
     /// The guest's CLOCK_REALTIME − host CLOCK_REALTIME at the `s` sample, ns (its system clock
     /// error, shown beside the PHC's).
     pub guest_realtime_error_ns: Option<i64>,
+    /// That sample's half bracket, ns: the uncertainty of `guest_realtime_error_ns` and so of
+    /// `phc_error_ns`.
+    #[serde(default)]
+    pub sample_bracket_ns: Option<u64>,
     /// PHC − host time on the PHC's timescale, through the system clock, ns.
     pub phc_error_ns: Option<i64>,
     /// PHC − host time on the PHC's timescale at the ioctl's TSC midpoint, ns.
@@ -155,9 +164,8 @@ pub fn map_phc(
     refs: &[HostRef],
     host_khz: u32,
 ) -> LinuxPhcSample {
-    let rt_err = sample
-        .filter(|s| s.vcpu == p.cpu && s.seq == p.seq)
-        .map(LinuxSample::realtime_error_ns);
+    let sample = sample.filter(|s| s.vcpu == p.cpu && s.seq == p.seq);
+    let rt_err = sample.map(LinuxSample::realtime_error_ns);
     let phc_minus = p.phc_minus_realtime_ns();
     // PHC − host UTC both ways, then the timescale: its whole seconds, rounded to the nearest
     // (a PHC error is far below half a second; the guest's own realtime error may not be).
@@ -179,6 +187,7 @@ pub fn map_phc(
         phc_minus_guest_realtime_ns: phc_minus,
         timescale_offset_s,
         guest_realtime_error_ns: rt_err,
+        sample_bracket_ns: sample.map(|s| s.bracket_ns),
         phc_error_ns: via_system.map(|r| r.saturating_sub(scale_ns)),
         phc_error_direct_ns: direct_raw.map(|r| r.saturating_sub(scale_ns)),
         direct_bracket_ns: math::ticks_to_ns_round(p.tsc1.saturating_sub(p.tsc0), host_khz) / 2,
@@ -359,6 +368,7 @@ mod tests {
             guest_boottime_ns: 60,
             host_realtime_ns: 1_000_000_000,
             tsc_offset: 0,
+            bracket_ns: 0,
         };
         let a = LinuxSample {
             guest_tsc: 1_000 + 400_000_000,
