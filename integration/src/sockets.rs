@@ -108,10 +108,22 @@ pub fn bind(path: &Path) -> Result<BoundSocket, String> {
     // SAFETY: umask(2) has no memory-safety preconditions; it only swaps the process file mode
     // creation mask.
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    // bind(2) creates the path before listen(2) runs: a client connecting in between is refused
+    // (a window a slow machine widens). Listen under a temporary name beside it, then link the
+    // listening socket to `path` (link(2) never replaces what appeared there meanwhile).
+    let tmp = temp_name(path);
+    let bound = match &tmp {
+        Some(t) => UnixListener::bind(t),
+        None => UnixListener::bind(path),
+    };
     // SAFETY: as above; restores the previous mask.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|e| format!("binding {shown}: {e}"))?;
+    if let Some(t) = &tmp {
+        let linked = std::fs::hard_link(t, path);
+        let _ = std::fs::remove_file(t);
+        linked.map_err(|e| format!("binding {shown}: {e}"))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("{shown}: chmod 0600: {e}"))?;
     let m = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
@@ -120,6 +132,17 @@ pub fn bind(path: &Path) -> Result<BoundSocket, String> {
         path: path.to_path_buf(),
         id: FileId::of(&m),
     })
+}
+
+/// A fresh sibling name for binding `path` (None: it would not fit a socket address, then the
+/// socket is bound at `path` itself).
+fn temp_name(path: &Path) -> Option<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(".gc-{}-{n}.sock", std::process::id());
+    let t = path.parent()?.join(name);
+    // sun_path holds 108 bytes with its NUL.
+    (t.as_os_str().len() < 108).then_some(t)
 }
 
 fn kind(m: &std::fs::Metadata) -> &'static str {
@@ -148,6 +171,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_path_appears_only_once_listening() {
+        let d = dir("listening");
+        let p = d.join("s.sock");
+        let watcher = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                // Connect the instant the path exists: never refused.
+                while !p.exists() {
+                    std::hint::spin_loop();
+                }
+                UnixStream::connect(&p).map(|_| ())
+            })
+        };
+        let s = bind(&p).unwrap();
+        watcher.join().unwrap().unwrap();
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("s.sock")],
+            "no temporary name left"
+        );
+        drop(s.cleanup_guard());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
