@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{call, Dir};
+
 /// A VMM process, killed on drop.
 struct Proc(Child);
 
@@ -21,15 +24,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// A test directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -60,18 +54,11 @@ fn api(socket: &Path, method: &str, ep: &str) -> Result<Value, String> {
     api_with(socket, method, ep, None)
 }
 
+/// One API call (raw HTTP, tests/common); an error status is Err with the whole answer. The
+/// generous timeout is for calls that wait for a migration under the nested lane.
 fn api_with(socket: &Path, method: &str, ep: &str, body: Option<Value>) -> Result<Value, String> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(s, "{method} /api/v1/{ep} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len())
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let (head, body) = out.split_once("\r\n\r\n").ok_or("no body")?;
-    let v: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    if head.split_whitespace().nth(1).unwrap_or("500") >= "400" {
+    let (code, v) = call(socket, method, ep, body, Duration::from_secs(600))?;
+    if code >= 400 {
         return Err(v.to_string());
     }
     Ok(v)
