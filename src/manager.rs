@@ -275,6 +275,7 @@ impl<'a> ClockManager<'a> {
             } else {
                 state.vmclock_disruption_marker
             });
+            u.set_wallclock_skew_ns(self.options.inject_wallclock_skew_ns);
             if let Err(e) = u.after_restore(self.backend.as_ref(), disrupted, marker) {
                 warn!("vmclock not rewritten after the restore: {e}");
             }

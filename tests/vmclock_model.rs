@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use guest_clock::backend::model::{HostConfig, ModelHost, ModelTime, ModelVm};
 use guest_clock::backend::Hypervisor;
-use guest_clock::restore::RestoreMode;
+use guest_clock::restore::{RestoreMode, RestoreOptions};
 use guest_clock::signal::VmclockMemory;
 use guest_clock::vmclock::host::STA_UNSYNC;
 use guest_clock::vmclock::updater::RefreshReason;
@@ -161,6 +161,56 @@ fn live_migration_with_skew_publishes_the_destination_time() {
     assert!(page_error_ns(&p, &dst) <= 1_000);
     // Written before the guest runs: nothing of the source's relationship survives.
     assert_ne!(p.counter_period_frac_sec, 0);
+}
+
+/// One machine emulating the skewed destination (`inject_wallclock_skew_ns`, as the demos and
+/// benchmarks do): the page publishes the same skewed wallclock kvmclock is rebuilt from, not
+/// the machine's own, and keeps it through refreshes; a later restore without skew drops it.
+#[test]
+fn injected_skew_is_published_like_the_kvmclock_rebuild() {
+    let time = ModelTime::new();
+    let (a, _src, page, mut m) = source_with_page(&time);
+    m.pause().unwrap();
+    let snap = m.snapshot().unwrap();
+    time.advance_ns(300_000_000);
+    let dst = dest_vm(&a, 2);
+    let dpage = copy_page(&page);
+    let mut m2 = ClockManager::new(dst.clone()).with_vmclock(dpage.clone());
+    m2.set_restore_options(RestoreOptions {
+        mode: Some(RestoreMode::LiveMigration),
+        inject_wallclock_skew_ns: SKEW_NS,
+        ..RestoreOptions::default()
+    });
+    m2.restore_snapshot(&snap).unwrap();
+    let at = |p: &VmclockAbi| {
+        let t = p.time_at(dst.guest_tsc_now(0).unwrap()).unwrap().as_ns() as i128;
+        t - i128::from(a.realtime_now())
+    };
+    let p = read_vmclock(dpage.as_ref()).unwrap();
+    assert!(
+        (at(&p) - i128::from(SKEW_NS)).unsigned_abs() <= 1,
+        "{}",
+        at(&p)
+    );
+    time.advance_ns(2_000_000_000);
+    m2.refresh_vmclock().unwrap().unwrap();
+    let p = read_vmclock(dpage.as_ref()).unwrap();
+    assert!(
+        (at(&p) - i128::from(SKEW_NS)).unsigned_abs() <= 1,
+        "refreshed: {}",
+        at(&p)
+    );
+    assert_eq!(m2.vmclock_updater().unwrap().wallclock_skew_ns(), SKEW_NS);
+    // A live update of that guest with no skew publishes the machine's own time again.
+    m2.pause().unwrap();
+    let snap2 = m2.snapshot().unwrap();
+    let dst2 = dest_vm(&a, 2);
+    let dpage2 = copy_page(&dpage);
+    let mut m3 = ClockManager::new(dst2.clone()).with_vmclock(dpage2.clone());
+    m3.restore_snapshot(&snap2).unwrap();
+    let p = read_vmclock(dpage2.as_ref()).unwrap();
+    let t = p.time_at(dst2.guest_tsc_now(0).unwrap()).unwrap().as_ns() as i128;
+    assert!((t - i128::from(a.realtime_now())).unsigned_abs() <= 1);
 }
 
 #[test]

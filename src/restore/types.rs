@@ -67,7 +67,9 @@ pub struct RestoreOptions {
     /// not depend on the machine's speed). Default 8.
     pub max_correction_rounds: u32,
     /// Pretend the destination's wallclock is this far ahead of the source's (ns; negative:
-    /// behind). For demos, tests and benchmarks on one machine; 0 in production.
+    /// behind). For demos, tests and benchmarks on one machine; 0 in production. A
+    /// [`ClockManager`](crate::ClockManager) with a vmclock page publishes the same skewed
+    /// wallclock there.
     pub inject_wallclock_skew_ns: i64,
     /// Signal the guest even on an exact live update. Default false.
     pub always_signal: bool,

@@ -390,6 +390,8 @@ struct State {
     /// The per-vCPU relationship of the last full sample (what
     /// [`VmclockUpdater::refresh_running`] reuses).
     relation: Option<CounterRelation>,
+    /// See [`VmclockUpdater::set_wallclock_skew_ns`].
+    wallclock_skew_ns: i64,
 }
 
 /// Owns a guest's vmclock page on the host side. Thread-safe (`&self` everywhere): a VMM may
@@ -425,6 +427,7 @@ impl VmclockUpdater {
                 generation,
                 last: None,
                 relation: None,
+                wallclock_skew_ns: 0,
             }),
         }
     }
@@ -451,6 +454,22 @@ impl VmclockUpdater {
     /// `vm_generation_counter` as last written (or found).
     pub fn vm_generation_counter(&self) -> u64 {
         self.lock().generation
+    }
+
+    /// Publish a host CLOCK_REALTIME `skew_ns` ahead of this one's (negative: behind) from the
+    /// next write on: the emulated second host of demos, tests and benchmarks on one machine,
+    /// whose kvmclock [`RestoreOptions::inject_wallclock_skew_ns`] rebuilds from the same skewed
+    /// wallclock ([`ClockManager`] sets both from its restore options). 0 in production.
+    ///
+    /// [`RestoreOptions::inject_wallclock_skew_ns`]: crate::restore::RestoreOptions::inject_wallclock_skew_ns
+    /// [`ClockManager`]: crate::manager::ClockManager
+    pub fn set_wallclock_skew_ns(&self, skew_ns: i64) {
+        self.lock().wallclock_skew_ns = skew_ns;
+    }
+
+    /// The skew set by [`set_wallclock_skew_ns`](Self::set_wallclock_skew_ns).
+    pub fn wallclock_skew_ns(&self) -> i64 {
+        self.lock().wallclock_skew_ns
     }
 
     /// The structure this updater last wrote.
@@ -494,7 +513,11 @@ impl VmclockUpdater {
         host: &HostTimeStatus,
         reason: RefreshReason,
     ) -> Result<VmclockAbi, VmclockError> {
-        let mut abi = build_vmclock(sample, host, &self.config, st.marker, st.generation)?;
+        let published = CounterSample {
+            realtime_ns: math::add_signed(sample.realtime_ns, st.wallclock_skew_ns),
+            ..*sample
+        };
+        let mut abi = build_vmclock(&published, host, &self.config, st.marker, st.generation)?;
         abi.seq_count = write_vmclock(self.mem.as_ref(), &abi)?;
         let (hk, ck) = self.keys(sample, host);
         st.last = Some((abi, sample.realtime_ns, hk, ck));
