@@ -93,6 +93,8 @@ enum Cmd {
         /// The bzImage for `--guest linux`.
         #[arg(long)]
         kernel: Option<PathBuf>,
+        #[command(flatten)]
+        vmclock: VmclockGuestArgs,
     },
     /// Measure clock error and cost of the restore strategies.
     Bench {
@@ -112,12 +114,36 @@ enum Cmd {
         /// The bzImage for `--guest linux`.
         #[arg(long)]
         kernel: Option<PathBuf>,
+        #[command(flatten)]
+        vmclock: VmclockGuestArgs,
     },
     /// Print a clock section (raw framed file, or a snapshot directory).
     Inspect {
         /// A section file or a snapshot directory.
         path: PathBuf,
     },
+}
+
+/// The PHC of `demo|bench --guest linux`: guests with the vmclock ACPI device and
+/// ptp_vmclock, whose PTP clock is measured through each guest-clock hop.
+#[derive(clap::Args, Debug, Default)]
+struct VmclockGuestArgs {
+    /// A kernel module for the Linux guests, in load order (repeatable): ptp_vmclock.ko and
+    /// what it depends on. Given: the guests get the vmclock device and the PHC is measured.
+    #[arg(long = "guest-module", value_name = "FILE")]
+    guest_modules: Vec<PathBuf>,
+    /// TAI − UTC, s, for the vmclock page when the host does not know it (see `run`).
+    #[arg(long, value_parser = clap::value_parser!(i16).range(10..=1000))]
+    vmclock_tai_offset_s: Option<i16>,
+}
+
+impl VmclockGuestArgs {
+    fn guest(&self) -> bench::linux::VmclockGuest {
+        bench::linux::VmclockGuest {
+            modules: self.guest_modules.clone(),
+            tai_offset_fallback_s: self.vmclock_tai_offset_s,
+        }
+    }
 }
 
 /// Boot a Linux guest instead of the tiny one (real KVM, not kvm_pvm).
@@ -356,12 +382,17 @@ fn main() -> ExitCode {
             model,
             guest,
             kernel,
+            vmclock,
         } => {
             let why_not = bench::linux::unavailable(kernel.as_deref(), model);
             match (guest.as_str(), why_not, kernel) {
-                ("linux", None, Some(k)) => {
-                    bench::run_linux(&k, Duration::from_millis(downtime_ms), skew_ns, None)
-                }
+                ("linux", None, Some(k)) => bench::run_linux(
+                    &k,
+                    Duration::from_millis(downtime_ms),
+                    skew_ns,
+                    vmclock.guest(),
+                    None,
+                ),
                 ("linux", why, _) => {
                     println!(
                         "clockvmm demo: --guest linux: {}; using the tiny guest",
@@ -378,9 +409,16 @@ fn main() -> ExitCode {
             quick,
             guest,
             kernel,
+            vmclock,
         } => match (guest.as_str(), kernel) {
             ("linux", Some(k)) => match bench::linux::unavailable(Some(&k), false) {
-                None => bench::run_linux(&k, Duration::from_millis(200), 250_000, json.as_deref()),
+                None => bench::run_linux(
+                    &k,
+                    Duration::from_millis(200),
+                    250_000,
+                    vmclock.guest(),
+                    json.as_deref(),
+                ),
                 Some(why) => Err(format!("--guest linux: {why}")),
             },
             ("linux", None) => Err("--guest linux needs --kernel BZIMAGE".into()),

@@ -346,14 +346,7 @@ impl VmclockAbi {
             _ => "unsupported",
         };
         o += &format!("counter        {counter}, time {time_type}\n");
-        let status = match self.clock_status {
-            VMCLOCK_STATUS_UNKNOWN => "UNKNOWN",
-            VMCLOCK_STATUS_INITIALIZING => "INITIALIZING",
-            VMCLOCK_STATUS_SYNCHRONIZED => "SYNCHRONIZED",
-            VMCLOCK_STATUS_FREERUNNING => "FREERUNNING",
-            VMCLOCK_STATUS_UNRELIABLE => "UNRELIABLE",
-            _ => "unknown value",
-        };
+        let status = clock_status_name(self.clock_status);
         o += &format!("clock_status   {} ({status})\n", self.clock_status);
         o += &format!("flags          {}\n", flag_names(self.flags));
         o += &format!(
@@ -394,6 +387,18 @@ fn hz_of(p: VmclockPeriod) -> Option<f64> {
         return None;
     }
     Some(2f64.powi(64 + i32::from(p.shift)) / p.frac_sec as f64)
+}
+
+/// The name of a `clock_status` value (`"unknown value"` for one the ABI does not define).
+pub fn clock_status_name(status: u8) -> &'static str {
+    match status {
+        VMCLOCK_STATUS_UNKNOWN => "UNKNOWN",
+        VMCLOCK_STATUS_INITIALIZING => "INITIALIZING",
+        VMCLOCK_STATUS_SYNCHRONIZED => "SYNCHRONIZED",
+        VMCLOCK_STATUS_FREERUNNING => "FREERUNNING",
+        VMCLOCK_STATUS_UNRELIABLE => "UNRELIABLE",
+        _ => "unknown value",
+    }
 }
 
 /// `flags` as names.

@@ -12,7 +12,15 @@
 //!   (K, W) and the destination's wallclock, so a guest whose clocks follow that wallclock
 //!   counts the skew too); 0: the guest counted the downtime as time that passed;
 //! - TSC error = guest TSC advance − that time × the guest's TSC rate, ticks (0: continuous);
-//! - the kernel's complaints about time (watchdog, soft lockup, "time went backwards").
+//! - the kernel's complaints about time (watchdog, soft lockup, "time went backwards");
+//! - with guest modules (ptp_vmclock) given: the guests also have clockvmm's vmclock ACPI device
+//!   and guest-clock's hops go through a [`ClockManager`] that owns the page (written before the
+//!   guest boots, rewritten by each restore before the first KVM_RUN, re-anchored every 200 ms
+//!   while the guest runs, as a VMM's timer thread does). Its PTP clock (PHC) is measured
+//!   against host time before the hop and against the destination's time (host + skew) after
+//!   it, beside the guest's CLOCK_REALTIME, with the page's disruption marker, generation and
+//!   status as the guest read them from `/dev/vmclock0`. The other strategies do not maintain a
+//!   page (none of them has a vmclock writer that fills the time): no PHC figure for them.
 //!
 //! The chain runs guest-clock first and naive last: a strategy that breaks the guest's clocks
 //! leaves the hops after it measuring relative to a broken guest (each hop compares the guest
@@ -23,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use guest_clock::capture::capture;
-use guest_clock::restore::RestoreMode;
+use guest_clock::restore::{RestoreMode, RestoreOptions};
+use guest_clock::vmclock::{clock_status_name, VmclockConfig};
+use guest_clock::ClockManager;
 use serde::Serialize;
 use vm_migration::Snapshot;
 
@@ -61,7 +71,35 @@ pub struct LinuxRow {
     pub signalled: bool,
     /// Kernel complaints about time after the hop.
     pub complaints: Vec<String>,
+    /// The guest's vmclock PTP clock across the hop (guest-clock with guest modules only).
+    pub phc: Option<PhcHop>,
     /// Why figures are missing (the hop failed, or the guest stopped reporting).
+    pub note: Option<String>,
+}
+
+/// The guest's vmclock PTP clock (ptp_vmclock over clockvmm's page) across one hop, worst vCPU.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhcHop {
+    /// The PTP device (`ptpN`).
+    pub device: Option<String>,
+    /// PHC − host time (on the PHC's timescale) just before the pause, ns.
+    pub error_before_ns: Option<i64>,
+    /// PHC − the destination's time (host + skew on a migration) once the guest ran again, ns.
+    pub error_after_ns: Option<i64>,
+    /// The uncertainty of `error_after_ns`: the half RDTSC bracket of the system-clock sample
+    /// it goes through, ns.
+    pub bracket_after_ns: Option<u64>,
+    /// Guest CLOCK_REALTIME − the destination's time at the same samples, ns: the system
+    /// clock's standing error, which a restore preserves (NTP's to correct), where the PHC is
+    /// the host's time.
+    pub realtime_offset_after_ns: Option<i64>,
+    /// `disruption_marker` the guest read before and after.
+    pub marker: Option<(u64, u64)>,
+    /// `vm_generation_counter` the guest read before and after.
+    pub generation: Option<(u64, u64)>,
+    /// `clock_status` the guest read after the hop.
+    pub clock_status_after: Option<&'static str>,
+    /// Why a figure is missing.
     pub note: Option<String>,
 }
 
@@ -76,22 +114,81 @@ pub struct LinuxBenchConfig {
     pub skew_ns: i64,
     /// Where the guests' consoles go (appended across hops).
     pub console_dir: PathBuf,
+    /// Kernel modules for the guests (ptp_vmclock and what it depends on, in load order).
+    /// Non-empty: the guests get the vmclock ACPI device and the PHC is measured.
+    pub modules: Vec<PathBuf>,
+    /// TAI − UTC for the vmclock page when the host does not know it.
+    pub tai_offset_fallback_s: Option<i16>,
+}
+
+/// What makes the bench's guests vmclock guests (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct VmclockGuest {
+    /// See [`LinuxBenchConfig::modules`].
+    pub modules: Vec<PathBuf>,
+    /// See [`LinuxBenchConfig::tai_offset_fallback_s`].
+    pub tai_offset_fallback_s: Option<i16>,
+}
+
+impl LinuxBenchConfig {
+    fn vmclock(&self) -> bool {
+        !self.modules.is_empty()
+    }
+}
+
+/// How often the bench re-anchors a guest-clock guest's vmclock page (a VMM's timer thread).
+const VMCLOCK_REFRESH: Duration = Duration::from_millis(200);
+
+/// A running guest and, when its vmclock page is maintained, the [`ClockManager`] that owns it.
+struct Guest {
+    vm: Vm,
+    clock: Option<ClockManager<'static>>,
+}
+
+/// The manager a VMM gives `vm`: with the vmclock page when the bench measures the PHC.
+fn clock_manager(vm: &Vm, cfg: &LinuxBenchConfig) -> ClockManager<'static> {
+    let backend = vm.clock_backend();
+    let m = ClockManager::new(backend.clone()).with_vm_id(vm.config().vm_id);
+    if !cfg.vmclock() {
+        return m;
+    }
+    let mut c = VmclockConfig::for_backend(backend.as_ref());
+    c.tai_offset_fallback_s = cfg.tai_offset_fallback_s;
+    let ns = VMCLOCK_REFRESH.as_nanos() as u64;
+    c.refresh_period_ns = ns - ns / 8;
+    m.with_vmclock_config(vm.vmclock_memory(), c)
 }
 
 /// Wait until every vCPU reported a sample with sequence ≥ `min_seq`, failing when the guest
 /// made no progress for `stall`: no new console line while it boots (no sample yet), no new
 /// probe sample once it sampled — a guest whose kernel keeps printing complaints while its
 /// probe no longer runs is stuck too.
-fn wait_samples_within(vm: &Vm, min_seq: u64, stall: Duration) -> Result<LinuxObservation, String> {
+fn wait_samples_within(
+    g: &Guest,
+    min_seq: u64,
+    stall: Duration,
+) -> Result<LinuxObservation, String> {
+    let vm = &g.vm;
     let mut last_mark = (0, 0);
     let mut progress = Instant::now();
     loop {
+        if let Some(Err(e)) = g.clock.as_ref().and_then(|c| c.refresh_vmclock_running()) {
+            log::warn!("vmclock refresh failed: {e}");
+        }
         let o = vm
             .observe()
             .map_err(|e| e.to_string())?
             .linux
             .ok_or("not a Linux guest")?;
-        if o.latest.len() == vm.vcpu_count() && o.latest.iter().all(|s| s.seq >= min_seq) {
+        let n = vm.vcpu_count();
+        if o.latest.len() == n
+            && o.latest.iter().all(|s| s.seq >= min_seq)
+            && (g
+                .clock
+                .as_ref()
+                .is_none_or(|c| c.vmclock_updater().is_none())
+                || phc_settled(&o, n, min_seq))
+        {
             return Ok(o);
         }
         if let Some(why) = &o.stopped {
@@ -122,11 +219,25 @@ fn wait_samples_within(vm: &Vm, min_seq: u64, stall: Duration) -> Result<LinuxOb
     }
 }
 
-fn wait_samples(vm: &Vm, min_seq: u64) -> Result<LinuxObservation, String> {
-    wait_samples_within(vm, min_seq, STALL)
+fn wait_samples(g: &Guest, min_seq: u64) -> Result<LinuxObservation, String> {
+    wait_samples_within(g, min_seq, STALL)
 }
 
-fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Vm, String> {
+/// Every vCPU has a PHC reading with an error from sample `min_seq` on, or the probe found no
+/// vmclock PTP clock, or its readings fail (then there is nothing to wait for: the row says
+/// why).
+fn phc_settled(o: &LinuxObservation, vcpus: usize, min_seq: u64) -> bool {
+    let fresh = o
+        .phc_latest
+        .iter()
+        .filter(|p| p.seq >= min_seq && p.phc_error_ns.is_some())
+        .count();
+    fresh == vcpus
+        || o.phc_unavailable.is_some()
+        || (!o.phc_errors.is_empty() && o.phc_latest.is_empty())
+}
+
+fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Guest, String> {
     let name = if invariant_tsc { "tsc" } else { "kvm-clock" };
     let vm_cfg = VmConfig {
         vcpus: 2,
@@ -139,13 +250,15 @@ fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Vm, String> {
             cmdline: "gcprobe_period_ms=200".into(),
             serial: Some(cfg.console_dir.join(format!("console-{name}.log"))),
             invariant_tsc,
-            acpi_vmclock: false,
-            ..Default::default()
+            acpi_vmclock: cfg.vmclock(),
+            modules: cfg.modules.clone(),
         }),
     };
     let vm = Vm::create(&vm_cfg).map_err(|e| e.to_string())?;
+    // The page is written before the guest boots: ptp_vmclock probes it once.
+    let clock = cfg.vmclock().then(|| clock_manager(&vm, cfg));
     vm.start().map_err(|e| e.to_string())?;
-    Ok(vm)
+    Ok(Guest { vm, clock })
 }
 
 /// Boot and wait for the first samples; a boot that stalls before the probe reported (seen
@@ -154,16 +267,16 @@ fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Vm, String> {
 fn boot_sampled(
     cfg: &LinuxBenchConfig,
     invariant_tsc: bool,
-) -> Result<(Vm, LinuxObservation), String> {
-    let vm = boot(cfg, invariant_tsc)?;
-    match wait_samples_within(&vm, 2, Duration::from_secs(120)) {
-        Ok(o) => Ok((vm, o)),
+) -> Result<(Guest, LinuxObservation), String> {
+    let g = boot(cfg, invariant_tsc)?;
+    match wait_samples_within(&g, 2, Duration::from_secs(120)) {
+        Ok(o) => Ok((g, o)),
         Err(e) => {
             log::warn!("the Linux guest's boot stalled ({e}); booting it once more");
-            drop(vm);
-            let vm = boot(cfg, invariant_tsc)?;
-            let o = wait_samples_within(&vm, 2, Duration::from_secs(120))?;
-            Ok((vm, o))
+            drop(g);
+            let g = boot(cfg, invariant_tsc)?;
+            let o = wait_samples_within(&g, 2, Duration::from_secs(120))?;
+            Ok((g, o))
         }
     }
 }
@@ -218,19 +331,23 @@ fn figures(before: &[LinuxSample], after: &[LinuxSample], khz: u32, skew_ns: i64
 /// One hop: pause `cur`, save everything, end it, wait the downtime, build a new VM from the
 /// saved state with strategy `s` restoring the clocks, run it until it reported again.
 fn hop(
-    cur: Vm,
+    cur: Guest,
     s: Strategy,
     migration: bool,
     cfg: &LinuxBenchConfig,
     row: &mut LinuxRow,
-) -> Result<Vm, String> {
+) -> Result<Guest, String> {
+    let Guest { vm: cur, clock } = cur;
     cur.pause().map_err(|e| e.to_string())?;
     let before = cur
         .observe()
         .map_err(|e| e.to_string())?
         .linux
         .ok_or("not a Linux guest")?;
-    let state = capture(cur.clock_backend().as_ref(), 0).map_err(|e| e.to_string())?;
+    let state = match clock {
+        Some(mut m) => m.capture_now().map_err(|e| e.to_string())?,
+        None => capture(cur.clock_backend().as_ref(), 0).map_err(|e| e.to_string())?,
+    };
     let machine = machine_round_trip(&cur)?;
     let mut memory = Vec::new();
     cur.save_memory(&mut memory).map_err(|e| e.to_string())?;
@@ -246,11 +363,29 @@ fn hop(
     } else {
         (RestoreMode::LiveUpdate, 0)
     };
-    row.signalled = s.apply(dst.clock_backend().as_ref(), &state, mode, skew)?;
+    let clock = if s == Strategy::GuestClock {
+        // As a VMM does: its manager (and vmclock writer) over the new VM.
+        let mut m = clock_manager(&dst, cfg);
+        m.set_restore_options(RestoreOptions {
+            mode: Some(mode),
+            inject_wallclock_skew_ns: skew,
+            ..RestoreOptions::default()
+        });
+        let report = m.restore_state(&state).map_err(|e| e.to_string())?;
+        row.signalled = report.signalled.any();
+        Some(m)
+    } else {
+        row.signalled = s.apply(dst.clock_backend().as_ref(), &state, mode, skew)?;
+        None
+    };
     dst.start().map_err(|e| e.to_string())?;
+    let g = Guest { vm: dst, clock };
     let last = before.latest.iter().map(|x| x.seq).max().unwrap_or(0);
-    let after = wait_samples(&dst, last + 3)?;
-    let khz = dst.guest_tsc_khz();
+    // Two whole probe rounds after the first sample past the hop: the guest's vmclock view
+    // (printed once a round) is then one it read after the restore.
+    let min_seq = last + 1 + 2 * g.vm.vcpu_count() as u64;
+    let after = wait_samples(&g, min_seq)?;
+    let khz = g.vm.guest_tsc_khz();
     let f = figures(&before.latest, &after.latest, khz, skew);
     row.realtime_error_ns = Some(f.realtime_ns);
     row.monotonic_error_ns = Some(f.monotonic_ns);
@@ -258,7 +393,75 @@ fn hop(
     row.host_elapsed_ns = Some(f.elapsed_ns);
     row.complaints = after.complaints.clone();
     row.clocksource_seen = after.clocksource.clone();
-    Ok(dst)
+    if g.clock
+        .as_ref()
+        .is_some_and(|c| c.vmclock_updater().is_some())
+    {
+        row.phc = Some(phc_hop(&before, &after, min_seq, skew));
+    }
+    Ok(g)
+}
+
+/// The larger in magnitude.
+fn worst(a: Option<i64>, b: i64) -> Option<i64> {
+    Some(match a {
+        Some(a) if a.unsigned_abs() >= b.unsigned_abs() => a,
+        _ => b,
+    })
+}
+
+/// The PHC across a hop: before from the last readings at the pause, after from readings of
+/// sample `min_seq` on, against the destination's time (host + `skew_ns`).
+fn phc_hop(
+    before: &LinuxObservation,
+    after: &LinuxObservation,
+    min_seq: u64,
+    skew_ns: i64,
+) -> PhcHop {
+    let mut h = PhcHop {
+        device: after.phc_latest.first().map(|p| p.dev.clone()),
+        ..PhcHop::default()
+    };
+    for p in &before.phc_latest {
+        if let Some(e) = p.phc_error_ns {
+            h.error_before_ns = worst(h.error_before_ns, e);
+        }
+    }
+    for p in after.phc_latest.iter().filter(|p| p.seq >= min_seq) {
+        if let Some(e) = p.phc_error_ns {
+            h.error_after_ns = worst(h.error_after_ns, e - skew_ns);
+        }
+        if let Some(e) = p.guest_realtime_error_ns {
+            h.realtime_offset_after_ns = worst(h.realtime_offset_after_ns, e - skew_ns);
+        }
+        h.bracket_after_ns = h.bracket_after_ns.max(p.sample_bracket_ns);
+    }
+    if let (Some(b), Some(a)) = (&before.guest_vmclock, &after.guest_vmclock) {
+        h.marker = Some((b.disruption_marker, a.disruption_marker));
+        h.generation = Some((b.vm_generation_counter, a.vm_generation_counter));
+        h.clock_status_after = Some(clock_status_name(a.clock_status));
+    }
+    h.note = if let Some(why) = &after.phc_unavailable {
+        Some(format!("no vmclock PTP clock: {why}"))
+    } else if h.error_after_ns.is_none() {
+        Some(format!(
+            "no PHC reading after the hop: {}",
+            after
+                .phc_errors
+                .first()
+                .map_or("none reported", String::as_str)
+        ))
+    } else if after.guest_vmclock.is_none() {
+        Some(
+            after
+                .guest_vmclock_unavailable
+                .clone()
+                .unwrap_or_else(|| "the guest reported no vmclock view".into()),
+        )
+    } else {
+        None
+    };
+    h
 }
 
 /// Run the chain for both clocksources. Never fails once a guest booted: a failed hop is a row
@@ -266,8 +469,8 @@ fn hop(
 pub fn run(cfg: &LinuxBenchConfig) -> Result<Vec<LinuxRow>, String> {
     let mut rows = Vec::new();
     for (invariant_tsc, name) in [(false, "kvm-clock"), (true, "tsc")] {
-        let (vm, first) = boot_sampled(cfg, invariant_tsc)?;
-        let mut cur = Some(vm);
+        let (g, first) = boot_sampled(cfg, invariant_tsc)?;
+        let mut cur = Some(g);
         log::info!(
             "Linux guest ({name} requested) reports clocksource {:?}",
             first.clocksource
@@ -289,22 +492,31 @@ pub fn run(cfg: &LinuxBenchConfig) -> Result<Vec<LinuxRow>, String> {
                     host_elapsed_ns: None,
                     signalled: false,
                     complaints: Vec::new(),
+                    phc: None,
                     note: None,
                 };
                 match cur.take() {
                     None => row.note = Some("not run: an earlier hop of this chain failed".into()),
-                    Some(vm) => match hop(vm, *s, migration, cfg, &mut row) {
+                    Some(g) => match hop(g, *s, migration, cfg, &mut row) {
                         Ok(next) => cur = Some(next),
                         Err(e) => row.note = Some(e),
                     },
                 }
                 println!(
-                    "  {name:<9} {:<12} {:<14} REALTIME {} ns, MONOTONIC {} ns, TSC {} ticks{}",
+                    "  {name:<9} {:<12} {:<14} REALTIME {} ns, MONOTONIC {} ns, TSC {} ticks{}{}",
                     row.strategy,
                     row.scenario,
                     cell(row.realtime_error_ns),
                     cell(row.monotonic_error_ns),
                     cell(row.tsc_error_ticks),
+                    row.phc
+                        .as_ref()
+                        .map(|p| format!(
+                            ", PHC {} → {} ns",
+                            cell(p.error_before_ns),
+                            cell(p.error_after_ns)
+                        ))
+                        .unwrap_or_default(),
                     row.note
                         .as_deref()
                         .map(|n| format!(" ({n})"))
@@ -354,6 +566,65 @@ pub fn print_table(rows: &[LinuxRow], skew_ns: i64) {
     println!("- MONOTONIC: CLOCK_MONOTONIC advance − time elapsed on the destination's timeline");
     println!("  (host time, + the skew on migration): the downtime counted;");
     println!("- TSC: guest TSC advance − that time × TSC rate (continuous TSC).");
+    print_phc_table(rows);
+}
+
+fn pair(p: Option<(u64, u64)>) -> String {
+    p.map_or_else(|| "-".into(), |(a, b)| format!("{a}→{b}"))
+}
+
+/// The PHC rows (guest-clock hops of vmclock guests), if any.
+fn print_phc_table(rows: &[LinuxRow]) {
+    let phc: Vec<(&LinuxRow, &PhcHop)> = rows
+        .iter()
+        .filter_map(|r| r.phc.as_ref().map(|p| (r, p)))
+        .collect();
+    if phc.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<10} {:<15} {:>13} {:>12} {:>7} {:>17} {:>7} {:>13} {:<13} note",
+        "clocksrc",
+        "scenario",
+        "PHC before ns",
+        "PHC after ns",
+        "± ns",
+        "REALTIME after ns",
+        "marker",
+        "generation",
+        "status"
+    );
+    for (r, p) in phc {
+        println!(
+            "{:<10} {:<15} {:>13} {:>12} {:>7} {:>17} {:>7} {:>13} {:<13} {}",
+            r.clocksource_seen.as_deref().unwrap_or(&r.clocksource),
+            r.scenario,
+            cell(p.error_before_ns),
+            cell(p.error_after_ns),
+            p.bracket_after_ns
+                .map_or_else(|| "-".into(), |b| b.to_string()),
+            cell(p.realtime_offset_after_ns),
+            pair(p.marker),
+            pair(p.generation),
+            p.clock_status_after.unwrap_or("-"),
+            p.note.as_deref().unwrap_or("")
+        );
+    }
+    println!();
+    println!(
+        "The guest's vmclock PTP clock (ptp_vmclock over clockvmm's page) through guest-clock's"
+    );
+    println!(
+        "hops, worst vCPU: PHC − host time before the hop, PHC − the destination's time (host +"
+    );
+    println!("skew on migration) after it (± the system-clock sample's RDTSC bracket it is mapped");
+    println!(
+        "through), beside the guest's CLOCK_REALTIME − the destination's time (its standing error,"
+    );
+    println!(
+        "which a restore preserves); marker, generation and status as the guest read the page."
+    );
 }
 
 /// Why the Linux demo cannot run here (None: it can).

@@ -564,6 +564,7 @@ pub fn run_linux(
     kernel: &Path,
     downtime: Duration,
     skew_ns: i64,
+    vmclock: linux::VmclockGuest,
     json_path: Option<&Path>,
 ) -> Result<(), String> {
     let flavour = guest_clock::backend::host::kvm_flavour();
@@ -584,6 +585,8 @@ pub fn run_linux(
         downtime,
         skew_ns,
         console_dir: dir.0.clone(),
+        modules: vmclock.modules,
+        tai_offset_fallback_s: vmclock.tai_offset_fallback_s,
     };
     let rows = linux::run(&cfg)?;
     println!();
