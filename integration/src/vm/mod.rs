@@ -596,6 +596,19 @@ impl Vm {
                 .map_err(|e| VmError::Invalid(format!("spawning vCPU thread: {e}")))?;
             threads.push(t);
         }
+        if let Some(dev) = linux.clone() {
+            let shared = self.shared.clone();
+            let t = std::thread::Builder::new()
+                .name("com1-irq".into())
+                .spawn(move || {
+                    while !shared.stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(linux::serial::IRQ_WATCH_PERIOD);
+                        dev.watch_irq(&shared.pause_requested);
+                    }
+                })
+                .map_err(|e| VmError::Invalid(format!("spawning the COM1 thread: {e}")))?;
+            threads.push(t);
+        }
         Ok(())
     }
 
@@ -607,6 +620,11 @@ impl Vm {
         }
         let n = self.config.vcpus;
         let is_linux = self.linux().is_some();
+        if let Some(dev) = self.linux() {
+            // The COM1 watch reads the pause request under this lock: past it, it raises
+            // nothing more until the resume.
+            drop(lock(&dev.uart));
+        }
         // A Linux vCPU idles inside KVM_RUN: kick it out, again until it parked (a kick that
         // lands just before KVM_RUN is lost).
         let step = if is_linux {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use guest_clock::backend::host;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -84,6 +84,10 @@ pub struct LinuxDevices {
     pub msr_indices: Vec<u32>,
     /// COM1's interrupt (an irqfd), for a UART rebuilt from a snapshot.
     pub irq: EventFd,
+    /// The guest's accesses to COM1 so far (for [`serial::IrqWatch`]).
+    pub uart_accesses: std::sync::atomic::AtomicU64,
+    /// COM1's interrupt as a level (see [`serial::IrqWatch`]).
+    pub irq_watch: Mutex<serial::IrqWatch>,
     /// Per vCPU, the MSRs a restore writes after the plugin ([`state::MsrPhase::AfterClock`]);
     /// written by the VM's start.
     pub late_msrs: Mutex<Vec<state::MsrList>>,
@@ -123,6 +127,10 @@ pub struct LinuxObservation {
     /// Why the guest has no vmclock device.
     #[serde(default)]
     pub guest_vmclock_unavailable: Option<String>,
+    /// COM1 interrupts raised again because the guest left them unserviced (see
+    /// [`serial::IrqWatch`]; a count above 0 is a lost edge the watch recovered).
+    #[serde(default)]
+    pub com1_interrupts_reraised: u64,
 }
 
 impl LinuxDevices {
@@ -146,6 +154,33 @@ impl LinuxDevices {
         .map_err(|e| VmError::Invalid(format!("snapshot section serial: {e:?}")))?;
         *lock(&self.uart) = uart;
         Ok(())
+    }
+
+    /// One check of COM1's interrupt (see [`serial::IrqWatch`]); `paused` is the VM's pause
+    /// request, read under the UART's lock: a pause takes that lock once after requesting, so
+    /// nothing is raised into a VM whose state is being saved.
+    pub fn watch_irq(&self, paused: &std::sync::atomic::AtomicBool) {
+        let uart = lock(&self.uart);
+        if paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let st = uart.state();
+        let accesses = self.uart_accesses.load(Ordering::Relaxed);
+        let mut w = lock(&self.irq_watch);
+        if w.check(accesses, st.interrupt_enable, st.interrupt_identification) {
+            let n = w.reraised;
+            drop(w);
+            match self.irq.write(1) {
+                Ok(()) if n == 1 => info!(
+                    "COM1: an enabled interrupt (IER {:#04x}, IIR {:#04x}) went unserviced for {} ms: raised again (a lost edge)",
+                    st.interrupt_enable,
+                    st.interrupt_identification,
+                    2 * serial::IRQ_WATCH_PERIOD.as_millis()
+                ),
+                Ok(()) => debug!("COM1: interrupt raised again ({n} so far)"),
+                Err(e) => warn!("COM1: raising the interrupt again: {e}"),
+            }
+        }
     }
 
     /// Record a (host TSC, realtime) reference.
@@ -198,6 +233,7 @@ impl LinuxDevices {
             console_lines: log.total_lines,
             stopped: lock(&self.stopped).clone(),
             modules: log.modules.clone(),
+            com1_interrupts_reraised: lock(&self.irq_watch).reraised,
             phc_device: log.phc_device.clone(),
             phc_unavailable: log.phc_unavailable.clone(),
             phc_errors: log.phc_errors.clone(),
@@ -367,6 +403,8 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
             refs: Mutex::new(std::collections::VecDeque::new()),
             msr_indices,
             irq: evt,
+            uart_accesses: std::sync::atomic::AtomicU64::new(0),
+            irq_watch: Mutex::new(serial::IrqWatch::default()),
             late_msrs: Mutex::new(Vec::new()),
         }),
     })
@@ -378,6 +416,11 @@ enum Flow {
 }
 
 fn handle_exit(exit: VcpuExit<'_>, dev: &LinuxDevices) -> Flow {
+    if let VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) = &exit {
+        if (COM1..COM1 + 8).contains(port) {
+            dev.uart_accesses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     match exit {
         VcpuExit::IoOut(port, data) => {
             if (COM1..COM1 + 8).contains(&port) {

@@ -38,6 +38,57 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// How often [`IrqWatch::check`] runs while the vCPUs run.
+pub const IRQ_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// IER: received data available; transmitter holding register empty.
+const IER_RDA: u8 = 0x01;
+const IER_THRE: u8 = 0x02;
+/// IIR as vm-superio keeps it: no interrupt; THRE; received data.
+const IIR_NONE: u8 = 0x01;
+const IIR_THRE: u8 = 0x02;
+const IIR_RDA: u8 = 0x04;
+
+/// An interrupt condition is pending (the guest did not read IIR since it arose) and enabled.
+pub fn interrupt_pending(ier: u8, iir: u8) -> bool {
+    iir & IIR_NONE == 0
+        && ((iir & IIR_THRE != 0 && ier & IER_THRE != 0)
+            || (iir & IIR_RDA != 0 && ier & IER_RDA != 0))
+}
+
+/// COM1's interrupt as a level.
+///
+/// vm-superio raises the interrupt as an edge (one eventfd write through the irqfd on GSI 4)
+/// when a condition arises; a real 8250 holds a level while an enabled condition is pending, so
+/// an interrupt the guest's interrupt controller did not take at that instant (its pin masked
+/// while the driver sets the port up) is taken once the pin is unmasked. An edge lost that way
+/// is lost for good: the guest's driver waits for a THRE interrupt that never comes, and its
+/// console, and every task that writes to or opens it, stalls. The watch gives the level back:
+/// a condition pending and enabled at two checks in a row, with no guest access to the UART in
+/// between (a guest that services it reads IIR), is raised again.
+#[derive(Debug, Default)]
+pub struct IrqWatch {
+    accesses_seen: u64,
+    pending_before: bool,
+    /// Interrupts raised again, in all.
+    pub reraised: u64,
+}
+
+impl IrqWatch {
+    /// One check: `accesses` counts the guest's accesses to the UART so far, `ier`/`iir` its
+    /// registers now. True: raise the interrupt again.
+    pub fn check(&mut self, accesses: u64, ier: u8, iir: u8) -> bool {
+        let untouched = accesses == self.accesses_seen;
+        self.accesses_seen = accesses;
+        let pending = interrupt_pending(ier, iir);
+        let raise = pending && untouched && self.pending_before;
+        // After raising, wait two more checks: the guest gets a whole period to take it.
+        self.pending_before = pending && !raise;
+        self.reraised += u64::from(raise);
+        raise
+    }
+}
+
 /// What the guest printed.
 #[derive(Debug, Default)]
 pub struct ConsoleLog {
@@ -172,6 +223,33 @@ pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleWriter>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_raises_only_an_interrupt_left_pending_and_untouched() {
+        assert!(interrupt_pending(IER_THRE, IIR_THRE));
+        assert!(interrupt_pending(IER_RDA | IER_THRE, IIR_RDA));
+        assert!(!interrupt_pending(IER_RDA, IIR_THRE), "THRE not enabled");
+        assert!(!interrupt_pending(IER_THRE, IIR_NONE));
+        assert!(!interrupt_pending(0, IIR_THRE | IIR_RDA));
+        let mut w = IrqWatch::default();
+        // Serviced: the guest touches the UART between checks.
+        for n in 1..10 {
+            assert!(!w.check(n, IER_THRE, IIR_THRE));
+        }
+        // Left pending and untouched since the last check: raised, then two checks apart.
+        assert!(w.check(9, IER_THRE, IIR_THRE));
+        assert!(!w.check(9, IER_THRE, IIR_THRE));
+        assert!(w.check(9, IER_THRE, IIR_THRE));
+        assert_eq!(w.reraised, 2);
+        // Nothing pending: nothing raised however long the guest leaves it.
+        assert!(!w.check(9, IER_THRE, IIR_NONE));
+        assert!(!w.check(9, IER_THRE, IIR_NONE));
+        assert!(!w.check(9, IER_THRE, IIR_NONE));
+        // Pending but disabled (the console masks IER while it writes).
+        assert!(!w.check(9, 0, IIR_THRE));
+        assert!(!w.check(9, 0, IIR_THRE));
+        assert_eq!(w.reraised, 2);
+    }
 
     #[test]
     fn the_log_splits_lines_parses_probe_lines_and_bounds_everything() {
