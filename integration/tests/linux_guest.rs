@@ -129,9 +129,11 @@ fn try_wait_samples(
 ) -> Result<Value, String> {
     let mut last_mark = (0, 0);
     let mut last_progress = Instant::now();
+    let mut reraised = Value::Null;
     loop {
         let mut seq = 0;
         if let Ok(c) = api(sock, "GET", "vm.clock") {
+            reraised = c["observation"]["linux"]["com1_interrupts_reraised"].clone();
             let latest = c["observation"]["linux"]["latest"]
                 .as_array()
                 .cloned()
@@ -164,7 +166,8 @@ fn try_wait_samples(
         }
         if last_progress.elapsed() >= stall {
             return Err(format!(
-                "no probe samples (seq >= {min_seq}) and no progress for {} s; the console's end:\n{}",
+                "no probe samples (seq >= {min_seq}) and no progress for {} s (COM1 interrupts \
+                 raised again by the VMM: {reraised}); the console's end:\n{}",
                 stall.as_secs(),
                 console_tail(serial, 80)
             ));

@@ -12,6 +12,11 @@
 //!   (K, W) and the destination's wallclock, so a guest whose clocks follow that wallclock
 //!   counts the skew too); 0: the guest counted the downtime as time that passed;
 //! - TSC error = guest TSC advance − that time × the guest's TSC rate, ticks (0: continuous);
+//!
+//!   per vCPU the samples compared are the narrowest (smallest RDTSC bracket) of the last two
+//!   probe rounds before the pause and of the first rounds after the landing: a vCPU exit
+//!   inside a sample's bracket (seen: 32 µs under the nested lane) makes its host time that
+//!   uncertain, and the row's `bracket_ns` is the widest bracket left;
 //! - the kernel's complaints about time (watchdog, soft lockup, "time went backwards");
 //! - with guest modules (ptp_vmclock) given: the guests also have clockvmm's vmclock ACPI device
 //!   and guest-clock's hops go through a [`ClockManager`] that owns the page (written before the
@@ -38,7 +43,7 @@ use serde::Serialize;
 use vm_migration::Snapshot;
 
 use super::strategies::Strategy;
-use crate::vm::linux::measure::{disruption, LinuxSample};
+use crate::vm::linux::measure::{disruption, LinuxPhcSample, LinuxSample};
 use crate::vm::linux::state::MachineState;
 use crate::vm::linux::{LinuxConfig, LinuxObservation};
 use crate::vm::{Vm, VmConfig};
@@ -67,6 +72,10 @@ pub struct LinuxRow {
     pub tsc_error_ticks: Option<i64>,
     /// Host time between the samples compared, ns (the downtime plus sampling gaps).
     pub host_elapsed_ns: Option<i64>,
+    /// The widest half RDTSC bracket of the samples compared, ns: the figures' uncertainty
+    /// (per vCPU the narrowest of the last two probe rounds before the pause and of the first
+    /// ones after the landing are compared).
+    pub bracket_ns: Option<u64>,
     /// The guest was signalled (PVCLOCK_GUEST_STOPPED).
     pub signalled: bool,
     /// Kernel complaints about time after the hop.
@@ -344,6 +353,17 @@ fn hop(
         .map_err(|e| e.to_string())?
         .linux
         .ok_or("not a Linux guest")?;
+    let last = before.latest.iter().map(|x| x.seq).max().unwrap_or(0);
+    let n = cur.vcpu_count() as u64;
+    // The last two probe rounds before the pause: per vCPU the sample with the narrowest RDTSC
+    // bracket (a vCPU exit inside a sample's bracket makes its host time uncertain by as much).
+    let recent = |seq: u64| seq + 2 * n > last;
+    let before_samples = narrowest(cur.linux_samples(), |s| recent(s.seq), |s| s.bracket_ns);
+    let before_phc = narrowest(
+        cur.linux_phc_samples(),
+        |p| recent(p.seq) && p.phc_error_ns.is_some(),
+        |p| p.sample_bracket_ns.unwrap_or(u64::MAX),
+    );
     let state = match clock {
         Some(mut m) => m.capture_now().map_err(|e| e.to_string())?,
         None => capture(cur.clock_backend().as_ref(), 0).map_err(|e| e.to_string())?,
@@ -380,13 +400,24 @@ fn hop(
     };
     dst.start().map_err(|e| e.to_string())?;
     let g = Guest { vm: dst, clock };
-    let last = before.latest.iter().map(|x| x.seq).max().unwrap_or(0);
     // Two whole probe rounds after the first sample past the hop: the guest's vmclock view
     // (printed once a round) is then one it read after the restore.
-    let min_seq = last + 1 + 2 * g.vm.vcpu_count() as u64;
+    let min_seq = last + 1 + 2 * n;
     let after = wait_samples(&g, min_seq)?;
+    let landed = |seq: u64| seq > last && seq <= min_seq;
+    let after_samples = narrowest(g.vm.linux_samples(), |s| landed(s.seq), |s| s.bracket_ns);
+    let after_phc = narrowest(
+        g.vm.linux_phc_samples(),
+        |p| landed(p.seq) && p.phc_error_ns.is_some(),
+        |p| p.sample_bracket_ns.unwrap_or(u64::MAX),
+    );
     let khz = g.vm.guest_tsc_khz();
-    let f = figures(&before.latest, &after.latest, khz, skew);
+    let f = figures(&before_samples, &after_samples, khz, skew);
+    row.bracket_ns = before_samples
+        .iter()
+        .chain(&after_samples)
+        .map(|s| s.bracket_ns)
+        .max();
     row.realtime_error_ns = Some(f.realtime_ns);
     row.monotonic_error_ns = Some(f.monotonic_ns);
     row.tsc_error_ticks = Some(f.tsc_ticks);
@@ -397,7 +428,7 @@ fn hop(
         .as_ref()
         .is_some_and(|c| c.vmclock_updater().is_some())
     {
-        row.phc = Some(phc_hop(&before, &after, min_seq, skew));
+        row.phc = Some(phc_hop(&before, &after, &before_phc, &after_phc, skew));
     }
     Ok(g)
 }
@@ -410,24 +441,61 @@ fn worst(a: Option<i64>, b: i64) -> Option<i64> {
     })
 }
 
-/// The PHC across a hop: before from the last readings at the pause, after from readings of
-/// sample `min_seq` on, against the destination's time (host + `skew_ns`).
+/// Per vCPU, the item with the smallest `key` among those `keep` accepts.
+fn narrowest<T: Clone + HasVcpu>(
+    all: Vec<T>,
+    keep: impl Fn(&T) -> bool,
+    key: impl Fn(&T) -> u64,
+) -> Vec<T> {
+    let mut best: Vec<T> = Vec::new();
+    for x in all.into_iter().filter(|x| keep(x)) {
+        match best.iter_mut().find(|b| b.vcpu() == x.vcpu()) {
+            Some(b) if key(&x) < key(b) => *b = x,
+            Some(_) => {}
+            None => best.push(x),
+        }
+    }
+    best.sort_by_key(HasVcpu::vcpu);
+    best
+}
+
+/// A per-vCPU reading.
+trait HasVcpu {
+    fn vcpu(&self) -> usize;
+}
+
+impl HasVcpu for LinuxSample {
+    fn vcpu(&self) -> usize {
+        self.vcpu
+    }
+}
+
+impl HasVcpu for LinuxPhcSample {
+    fn vcpu(&self) -> usize {
+        self.vcpu
+    }
+}
+
+/// The PHC across a hop: `before_phc` and `after_phc` are per vCPU the narrowest readings
+/// just before the pause and right after the landing; after against the destination's time
+/// (host + `skew_ns`); the guest's view of the page from the observations.
 fn phc_hop(
     before: &LinuxObservation,
     after: &LinuxObservation,
-    min_seq: u64,
+    before_phc: &[LinuxPhcSample],
+    after_phc: &[LinuxPhcSample],
     skew_ns: i64,
 ) -> PhcHop {
     let mut h = PhcHop {
-        device: after.phc_latest.first().map(|p| p.dev.clone()),
+        device: after_phc.first().map(|p| p.dev.clone()),
         ..PhcHop::default()
     };
-    for p in &before.phc_latest {
+    for p in before_phc {
         if let Some(e) = p.phc_error_ns {
             h.error_before_ns = worst(h.error_before_ns, e);
         }
     }
-    for p in after.phc_latest.iter().filter(|p| p.seq >= min_seq) {
+    for p in after_phc {
         if let Some(e) = p.phc_error_ns {
             h.error_after_ns = worst(h.error_after_ns, e - skew_ns);
         }
@@ -490,6 +558,7 @@ pub fn run(cfg: &LinuxBenchConfig) -> Result<Vec<LinuxRow>, String> {
                     monotonic_error_ns: None,
                     tsc_error_ticks: None,
                     host_elapsed_ns: None,
+                    bracket_ns: None,
                     signalled: false,
                     complaints: Vec::new(),
                     phc: None,
@@ -640,5 +709,39 @@ pub fn unavailable(kernel: Option<&Path>, model: bool) -> Option<String> {
         Some("no --kernel given".into())
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(vcpu: usize, seq: u64, bracket_ns: u64) -> LinuxSample {
+        LinuxSample {
+            vcpu,
+            seq,
+            guest_tsc: 0,
+            guest_realtime_ns: 0,
+            guest_monotonic_ns: 0,
+            guest_boottime_ns: 0,
+            host_realtime_ns: 0,
+            tsc_offset: 0,
+            bracket_ns,
+        }
+    }
+
+    #[test]
+    fn narrowest_keeps_per_vcpu_the_tightest_accepted_sample() {
+        let all = vec![
+            sample(1, 10, 30_000),
+            sample(0, 11, 900),
+            sample(1, 12, 1_200),
+            sample(0, 13, 700),
+            sample(0, 20, 1), // outside the window
+        ];
+        let got = narrowest(all, |s| s.seq <= 13, |s| s.bracket_ns);
+        let picked: Vec<(usize, u64)> = got.iter().map(|s| (s.vcpu, s.seq)).collect();
+        assert_eq!(picked, vec![(0, 13), (1, 12)]);
+        assert!(narrowest(Vec::<LinuxSample>::new(), |_| true, |s| s.bracket_ns).is_empty());
     }
 }

@@ -677,6 +677,21 @@ impl Vm {
     }
 
     /// Whether a pause is in force.
+    /// Every PHC reading of a Linux guest still in its console log, mapped to host time.
+    pub fn linux_phc_samples(&self) -> Vec<linux::measure::LinuxPhcSample> {
+        match &self.engine {
+            Engine::Kvm {
+                linux: Some(dev),
+                kvm,
+                ..
+            } => {
+                self.linux_reference(kvm, dev);
+                dev.phc_samples(kvm.host_tsc_khz())
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub fn is_paused(&self) -> bool {
         self.shared.pause_requested.load(Ordering::SeqCst)
     }

@@ -203,6 +203,22 @@ impl LinuxDevices {
             .collect()
     }
 
+    /// Every PHC reading still in the console log, mapped (with its system-clock sample where
+    /// that is still there), oldest first.
+    pub fn phc_samples(&self, host_khz: u32) -> Vec<measure::LinuxPhcSample> {
+        let all = self.samples(host_khz);
+        let offsets = lock(&self.offsets).clone();
+        let refs: Vec<_> = lock(&self.refs).iter().copied().collect();
+        let log = lock(&self.console.log);
+        log.phc
+            .iter()
+            .map(|p| {
+                let s = all.iter().find(|s| s.vcpu == p.cpu && s.seq == p.seq);
+                measure::map_phc(p, s, &offsets, &refs, host_khz)
+            })
+            .collect()
+    }
+
     /// The observation: the latest sample of each vCPU, the clocksource, the complaints, the
     /// latest PHC reading of each vCPU.
     pub fn observe(&self, host_khz: u32) -> LinuxObservation {
