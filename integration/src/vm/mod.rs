@@ -403,8 +403,10 @@ impl Vm {
         }
     }
 
-    /// Every probe sample of a Linux guest still in its console log, mapped to host time.
-    pub fn linux_samples(&self) -> Vec<linux::measure::LinuxSample> {
+    /// `f` over a Linux guest's devices and the host TSC rate, after taking a fresh host
+    /// reference (so that the latest readings map between two references); None: no Linux
+    /// guest.
+    fn with_linux_mapped<T>(&self, f: impl FnOnce(&linux::LinuxDevices, u32) -> T) -> Option<T> {
         match &self.engine {
             Engine::Kvm {
                 linux: Some(dev),
@@ -412,10 +414,16 @@ impl Vm {
                 ..
             } => {
                 self.linux_reference(kvm, dev);
-                dev.samples(kvm.host_tsc_khz())
+                Some(f(dev, kvm.host_tsc_khz()))
             }
-            _ => Vec::new(),
+            _ => None,
         }
+    }
+
+    /// Every probe sample of a Linux guest still in its console log, mapped to host time.
+    pub fn linux_samples(&self) -> Vec<linux::measure::LinuxSample> {
+        self.with_linux_mapped(|dev, khz| dev.samples(khz))
+            .unwrap_or_default()
     }
 
     /// A Linux guest's VM, vCPUs and devices (None: the tiny guest or the model).
@@ -679,17 +687,8 @@ impl Vm {
     /// Whether a pause is in force.
     /// Every PHC reading of a Linux guest still in its console log, mapped to host time.
     pub fn linux_phc_samples(&self) -> Vec<linux::measure::LinuxPhcSample> {
-        match &self.engine {
-            Engine::Kvm {
-                linux: Some(dev),
-                kvm,
-                ..
-            } => {
-                self.linux_reference(kvm, dev);
-                dev.phc_samples(kvm.host_tsc_khz())
-            }
-            _ => Vec::new(),
-        }
+        self.with_linux_mapped(|dev, khz| dev.phc_samples(khz))
+            .unwrap_or_default()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -698,18 +697,13 @@ impl Vm {
 
     /// The latest sample of every vCPU.
     pub fn observe(&self) -> Result<GuestObservation, VmError> {
+        if let Some(o) = self.with_linux_mapped(|dev, khz| dev.observe(khz)) {
+            return Ok(GuestObservation {
+                vcpus: Vec::new(),
+                linux: Some(o),
+            });
+        }
         match &self.engine {
-            Engine::Kvm {
-                linux: Some(dev),
-                kvm,
-                ..
-            } => {
-                self.linux_reference(kvm, dev);
-                Ok(GuestObservation {
-                    vcpus: Vec::new(),
-                    linux: Some(dev.observe(kvm.host_tsc_khz())),
-                })
-            }
             Engine::Kvm { .. } => Ok(GuestObservation {
                 vcpus: lock(&self.shared.obs).iter().flatten().copied().collect(),
                 linux: None,
