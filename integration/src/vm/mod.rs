@@ -673,7 +673,7 @@ impl Vm {
     /// Release the vCPUs.
     pub fn resume(&self) -> Result<(), VmError> {
         self.shared.pause_requested.store(false, Ordering::SeqCst);
-        self.shared.cv.notify_all();
+        self.shared.wake_all();
         Ok(())
     }
 
@@ -786,7 +786,7 @@ impl Vm {
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.pause_requested.store(false, Ordering::SeqCst);
-        self.shared.cv.notify_all();
+        self.shared.wake_all();
         if self.linux().is_some() {
             // A kick can land just before KVM_RUN and be lost: kick until every thread ended.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -59,6 +59,14 @@ impl Shared {
         }
     }
 
+    /// Wake every parked thread after a change of `pause_requested` or `stop`. Under the
+    /// lock the parked threads check those flags with: a notification sent while a thread is
+    /// between its check and its wait would be lost, and that thread would sleep forever.
+    pub(super) fn wake_all(&self) {
+        let _parked = lock(&self.parked);
+        self.cv.notify_all();
+    }
+
     /// Park while a pause is requested; whether the thread parked.
     pub(super) fn park_if_requested(&self) -> bool {
         if !self.pause_requested.load(Ordering::SeqCst) {

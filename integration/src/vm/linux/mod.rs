@@ -533,7 +533,7 @@ fn stop_guest(id: usize, why: &str, shared: &Shared, dev: &LinuxDevices) {
     lock(&dev.stopped).get_or_insert(why.to_string());
     shared.stop.store(true, Ordering::SeqCst);
     shared.kick_all();
-    shared.cv.notify_all();
+    shared.wake_all();
 }
 
 /// Before a vCPU parks for a save: one KVM_RUN with `immediate_exit` set, which completes what
