@@ -294,17 +294,26 @@ impl Vmm {
             }
         }
         // A Linux guest: its own clocks across the last disruption, per vCPU.
+        // Per vCPU the narrowest-bracket samples: of the last two probe rounds before (the
+        // baseline; the latest from an older sender) and of the first three after.
         let mut linux_errors = Vec::new();
-        if let (Some(b), Some(a)) = (
-            self.before.as_ref().and_then(|b| b.linux.as_ref()),
-            now.linux.as_ref(),
-        ) {
-            for after in &a.latest {
-                if let Some(before) = b.latest.iter().find(|x| x.vcpu == after.vcpu) {
-                    if after.seq != before.seq {
-                        linux_errors
-                            .push(crate::vm::linux::measure::disruption(before, after, khz));
-                    }
+        if let Some(b) = self.before.as_ref().and_then(|b| b.linux.as_ref()) {
+            use crate::vm::linux::measure::{disruption, narrowest};
+            let last = b.latest.iter().map(|s| s.seq).max().unwrap_or(0);
+            let rounds3 = 3 * vm.vcpu_count() as u64;
+            let after = narrowest(
+                vm.linux_samples(),
+                |s| s.seq > last && s.seq <= last + rounds3,
+                |s| s.bracket_ns,
+            );
+            let before = if b.baseline.is_empty() {
+                &b.latest
+            } else {
+                &b.baseline
+            };
+            for a in &after {
+                if let Some(bs) = before.iter().find(|x| x.vcpu == a.vcpu) {
+                    linux_errors.push(disruption(bs, a, khz));
                 }
             }
         }

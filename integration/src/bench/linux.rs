@@ -43,7 +43,7 @@ use serde::Serialize;
 use vm_migration::Snapshot;
 
 use super::strategies::Strategy;
-use crate::vm::linux::measure::{disruption, LinuxPhcSample, LinuxSample};
+use crate::vm::linux::measure::{disruption, narrowest, LinuxPhcSample, LinuxSample};
 use crate::vm::linux::state::MachineState;
 use crate::vm::linux::{LinuxConfig, LinuxObservation};
 use crate::vm::{Vm, VmConfig};
@@ -439,41 +439,6 @@ fn worst(a: Option<i64>, b: i64) -> Option<i64> {
         Some(a) if a.unsigned_abs() >= b.unsigned_abs() => a,
         _ => b,
     })
-}
-
-/// Per vCPU, the item with the smallest `key` among those `keep` accepts.
-fn narrowest<T: Clone + HasVcpu>(
-    all: Vec<T>,
-    keep: impl Fn(&T) -> bool,
-    key: impl Fn(&T) -> u64,
-) -> Vec<T> {
-    let mut best: Vec<T> = Vec::new();
-    for x in all.into_iter().filter(|x| keep(x)) {
-        match best.iter_mut().find(|b| b.vcpu() == x.vcpu()) {
-            Some(b) if key(&x) < key(b) => *b = x,
-            Some(_) => {}
-            None => best.push(x),
-        }
-    }
-    best.sort_by_key(HasVcpu::vcpu);
-    best
-}
-
-/// A per-vCPU reading.
-trait HasVcpu {
-    fn vcpu(&self) -> usize;
-}
-
-impl HasVcpu for LinuxSample {
-    fn vcpu(&self) -> usize {
-        self.vcpu
-    }
-}
-
-impl HasVcpu for LinuxPhcSample {
-    fn vcpu(&self) -> usize {
-        self.vcpu
-    }
 }
 
 /// The PHC across a hop: `before_phc` and `after_phc` are per vCPU the narrowest readings

@@ -194,6 +194,44 @@ pub fn map_phc(
     }
 }
 
+/// Per vCPU, the item with the smallest `key` among those `keep` accepts (the sample with the
+/// narrowest RDTSC bracket, say: a vCPU exit inside a sample's bracket makes its host time
+/// uncertain by as much), sorted by vCPU.
+pub fn narrowest<T: Clone + PerVcpu>(
+    all: impl IntoIterator<Item = T>,
+    keep: impl Fn(&T) -> bool,
+    key: impl Fn(&T) -> u64,
+) -> Vec<T> {
+    let mut best: Vec<T> = Vec::new();
+    for x in all.into_iter().filter(|x| keep(x)) {
+        match best.iter_mut().find(|b| b.vcpu() == x.vcpu()) {
+            Some(b) if key(&x) < key(b) => *b = x,
+            Some(_) => {}
+            None => best.push(x),
+        }
+    }
+    best.sort_by_key(PerVcpu::vcpu);
+    best
+}
+
+/// A per-vCPU reading.
+pub trait PerVcpu {
+    /// Its vCPU.
+    fn vcpu(&self) -> usize;
+}
+
+impl PerVcpu for LinuxSample {
+    fn vcpu(&self) -> usize {
+        self.vcpu
+    }
+}
+
+impl PerVcpu for LinuxPhcSample {
+    fn vcpu(&self) -> usize {
+        self.vcpu
+    }
+}
+
 /// What a disruption did to the guest's clocks, from the last sample of a vCPU before it and
 /// the first one after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +250,10 @@ pub struct LinuxDisruption {
     pub boottime_error_ns: i64,
     /// Guest TSC advance − host elapsed × guest TSC rate, ticks (0: TSC continuous).
     pub tsc_error_ticks: i64,
+    /// The wider half RDTSC bracket of the two samples, ns: the uncertainty of the time
+    /// figures above (the TSC one is exact at the brackets' midpoints).
+    #[serde(default)]
+    pub bracket_ns: u64,
 }
 
 /// Compare one vCPU's samples across a disruption; `khz` is the guest TSC rate.
@@ -229,6 +271,7 @@ pub fn disruption(before: &LinuxSample, after: &LinuxSample, khz: u32) -> LinuxD
         boottime_error_ns: math::diff_signed(after.guest_boottime_ns, before.guest_boottime_ns)
             .saturating_sub(host),
         tsc_error_ticks: ticks.saturating_sub(expected_ticks),
+        bracket_ns: before.bracket_ns.max(after.bracket_ns),
     }
 }
 

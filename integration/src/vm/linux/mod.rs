@@ -98,6 +98,10 @@ pub struct LinuxDevices {
 pub struct LinuxObservation {
     /// The latest mapped sample of every vCPU that reported.
     pub latest: Vec<measure::LinuxSample>,
+    /// Per vCPU, the sample with the narrowest RDTSC bracket of the last two probe rounds:
+    /// what a disruption is measured from (see [`measure::narrowest`]).
+    #[serde(default)]
+    pub baseline: Vec<measure::LinuxSample>,
     /// The guest's clocksource (probe report).
     pub clocksource: Option<String>,
     /// Kernel complaints about time seen on the console.
@@ -230,6 +234,13 @@ impl LinuxDevices {
             }
         }
         latest.sort_by_key(|s| s.vcpu);
+        let last = latest.iter().map(|s| s.seq).max().unwrap_or(0);
+        let rounds2 = 2 * latest.len() as u64;
+        let baseline = measure::narrowest(
+            all.iter().copied(),
+            |s| s.seq + rounds2 > last,
+            |s| s.bracket_ns,
+        );
         let offsets = lock(&self.offsets).clone();
         let refs: Vec<_> = lock(&self.refs).iter().copied().collect();
         let log = lock(&self.console.log);
@@ -244,6 +255,7 @@ impl LinuxDevices {
         phc_latest.sort_by_key(|p| p.vcpu);
         LinuxObservation {
             latest,
+            baseline,
             clocksource: log.clocksource.clone(),
             complaints: log.complaints.clone(),
             console_lines: log.total_lines,
