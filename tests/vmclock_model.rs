@@ -70,6 +70,25 @@ fn page_error_ns(page: &VmclockAbi, vm: &ModelVm) -> u64 {
         .unwrap()
 }
 
+/// An updater over `page` whose host status comes from `host_time`.
+fn updater_on(page: &Arc<AtomicVmclockMemory>, host_time: HostTimeSource) -> VmclockUpdater {
+    VmclockUpdater::new(
+        page.clone(),
+        VmclockConfig {
+            host_time,
+            ..Default::default()
+        },
+    )
+}
+
+/// Why a refresh rewrote the page (None: it did not).
+fn reason(r: Refresh) -> Option<RefreshReason> {
+    match r {
+        Refresh::Unchanged => None,
+        Refresh::Rewritten(why, _) => Some(why),
+    }
+}
+
 fn source_with_page(
     time: &ModelTime,
 ) -> (
@@ -267,17 +286,8 @@ fn updater_rewrites_at_once_when_the_host_changes() {
     let a = host(&time, SRC_KHZ, 1, |_| {});
     let vm = running_vm(&a, 2);
     let page = Arc::new(AtomicVmclockMemory::new());
-    let u = VmclockUpdater::new(
-        page.clone(),
-        VmclockConfig {
-            host_time: HostTimeSource::Backend,
-            ..Default::default()
-        },
-    );
-    let r = |u: &VmclockUpdater| match u.refresh(vm.as_ref()).unwrap() {
-        Refresh::Unchanged => None,
-        Refresh::Rewritten(why, _) => Some(why),
-    };
+    let u = updater_on(&page, HostTimeSource::Backend);
+    let r = |u: &VmclockUpdater| reason(u.refresh(vm.as_ref()).unwrap());
     assert_eq!(r(&u), Some(RefreshReason::First));
     assert_eq!(r(&u), None);
     time.advance_ns(500_000_000);
@@ -308,27 +318,17 @@ fn refresh_running_reuses_the_vcpu_relationship() {
     let a = host(&time, SRC_KHZ, 1, |_| {});
     let vm = running_vm(&a, 2);
     let page = Arc::new(AtomicVmclockMemory::new());
-    let u = VmclockUpdater::new(
-        page.clone(),
-        VmclockConfig {
-            host_time: HostTimeSource::Backend,
-            ..Default::default()
-        },
-    );
-    let why = |r: Refresh| match r {
-        Refresh::Unchanged => None,
-        Refresh::Rewritten(w, _) => Some(w),
-    };
+    let u = updater_on(&page, HostTimeSource::Backend);
     // Nothing sampled yet: it takes a full sample.
     assert_eq!(
-        why(u.refresh_running(vm.as_ref()).unwrap()),
+        reason(u.refresh_running(vm.as_ref()).unwrap()),
         Some(RefreshReason::First)
     );
     let p1 = read_vmclock(page.as_ref()).unwrap();
-    assert_eq!(why(u.refresh_running(vm.as_ref()).unwrap()), None);
+    assert_eq!(reason(u.refresh_running(vm.as_ref()).unwrap()), None);
     time.advance_ns(1_500_000_000);
     assert_eq!(
-        why(u.refresh_running(vm.as_ref()).unwrap()),
+        reason(u.refresh_running(vm.as_ref()).unwrap()),
         Some(RefreshReason::PeriodElapsed)
     );
     let p2 = read_vmclock(page.as_ref()).unwrap();
@@ -337,9 +337,9 @@ fn refresh_running_reuses_the_vcpu_relationship() {
     // A vCPU offset change is invisible to it (no vCPU ioctl), seen by the full refresh.
     let off0 = vm.tsc_offset(0).unwrap();
     vm.set_tsc_offset(1, off0.wrapping_add(1_000_000)).unwrap();
-    assert_eq!(why(u.refresh_running(vm.as_ref()).unwrap()), None);
+    assert_eq!(reason(u.refresh_running(vm.as_ref()).unwrap()), None);
     assert_eq!(
-        why(u.refresh(vm.as_ref()).unwrap()),
+        reason(u.refresh(vm.as_ref()).unwrap()),
         Some(RefreshReason::CounterChanged)
     );
 }
@@ -355,13 +355,7 @@ fn a_known_tai_offset_gives_the_guest_tai_and_utc() {
     let page = Arc::new(AtomicVmclockMemory::new());
     let mut status = guest_clock::vmclock::HostTimeStatus::from_ntp(&a.config().ntp);
     status.tai_s = 37;
-    let u = VmclockUpdater::new(
-        page.clone(),
-        VmclockConfig {
-            host_time: HostTimeSource::Fixed(status),
-            ..Default::default()
-        },
-    );
+    let u = updater_on(&page, HostTimeSource::Fixed(status));
     u.write_now(vm.as_ref()).unwrap();
     let p = read_vmclock(page.as_ref()).unwrap();
     assert_eq!(p.time_type, VMCLOCK_TIME_UTC);
