@@ -296,13 +296,14 @@ impl Vmm {
         // A Linux guest: its own clocks across the last disruption, per vCPU.
         // Per vCPU the narrowest-bracket samples: of the last two probe rounds before (the
         // baseline; the latest from an older sender) and of the first three after.
+        let samples = vm.linux_samples();
         let mut linux_errors = Vec::new();
         if let Some(b) = self.before.as_ref().and_then(|b| b.linux.as_ref()) {
             use crate::vm::linux::measure::{disruption, narrowest};
             let last = b.latest.iter().map(|s| s.seq).max().unwrap_or(0);
             let rounds3 = 3 * vm.vcpu_count() as u64;
             let after = narrowest(
-                vm.linux_samples(),
+                samples.iter().copied(),
                 |s| s.seq > last && s.seq <= last + rounds3,
                 |s| s.bracket_ns,
             );
@@ -317,7 +318,7 @@ impl Vmm {
                 }
             }
         }
-        let recent: Vec<_> = vm.linux_samples().into_iter().rev().take(16).collect();
+        let recent: Vec<_> = samples.iter().rev().take(16).copied().collect();
         let marker = self.clock.as_ref().map_or(0, |c| c.vmclock_marker());
         let page = read_vmclock(vm.vmclock_memory().as_ref()).ok();
         Ok(json!({

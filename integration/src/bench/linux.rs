@@ -154,6 +154,15 @@ struct Guest {
     clock: Option<ClockManager<'static>>,
 }
 
+impl Guest {
+    /// Its vmclock page is maintained, so its PHC is measured.
+    fn measures_phc(&self) -> bool {
+        self.clock
+            .as_ref()
+            .is_some_and(|c| c.vmclock_updater().is_some())
+    }
+}
+
 /// The manager a VMM gives `vm`: with the vmclock page when the bench measures the PHC.
 fn clock_manager(vm: &Vm, cfg: &LinuxBenchConfig) -> ClockManager<'static> {
     let backend = vm.clock_backend();
@@ -192,11 +201,7 @@ fn wait_samples_within(
         let n = vm.vcpu_count();
         if o.latest.len() == n
             && o.latest.iter().all(|s| s.seq >= min_seq)
-            && (g
-                .clock
-                .as_ref()
-                .is_none_or(|c| c.vmclock_updater().is_none())
-                || phc_settled(&o, n, min_seq))
+            && (!g.measures_phc() || phc_settled(&o, n, min_seq))
         {
             return Ok(o);
         }
@@ -355,10 +360,11 @@ fn hop(
         .ok_or("not a Linux guest")?;
     let last = before.latest.iter().map(|x| x.seq).max().unwrap_or(0);
     let n = cur.vcpu_count() as u64;
-    // The last two probe rounds before the pause: per vCPU the sample with the narrowest RDTSC
-    // bracket (a vCPU exit inside a sample's bracket makes its host time uncertain by as much).
+    // The last two probe rounds before the pause: per vCPU the sample (the observation's
+    // baseline) and the PHC reading with the narrowest RDTSC bracket (a vCPU exit inside a
+    // sample's bracket makes its host time uncertain by as much).
     let recent = |seq: u64| seq + 2 * n > last;
-    let before_samples = narrowest(cur.linux_samples(), |s| recent(s.seq), |s| s.bracket_ns);
+    let before_samples = before.baseline.clone();
     let before_phc = narrowest(
         cur.linux_phc_samples(),
         |p| recent(p.seq) && p.phc_error_ns.is_some(),
@@ -424,10 +430,7 @@ fn hop(
     row.host_elapsed_ns = Some(f.elapsed_ns);
     row.complaints = after.complaints.clone();
     row.clocksource_seen = after.clocksource.clone();
-    if g.clock
-        .as_ref()
-        .is_some_and(|c| c.vmclock_updater().is_some())
-    {
+    if g.measures_phc() {
         row.phc = Some(phc_hop(&before, &after, &before_phc, &after_phc, skew));
     }
     Ok(g)
