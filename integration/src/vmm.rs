@@ -295,18 +295,22 @@ impl Vmm {
         }
         // A Linux guest: its own clocks across the last disruption, per vCPU.
         // Per vCPU the narrowest-bracket samples: of the last two probe rounds before (the
-        // baseline; the latest from an older sender) and of the first three after.
+        // baseline; the latest from an older sender) and of the first three read after.
         let samples = vm.linux_samples();
         let mut linux_errors = Vec::new();
+        let mut compared = Value::Null;
         if let Some(b) = self.before.as_ref().and_then(|b| b.linux.as_ref()) {
-            use crate::vm::linux::measure::{disruption, narrowest};
+            use crate::vm::linux::measure::{disruption, first_seq_after_pause, narrowest};
             let last = b.latest.iter().map(|s| s.seq).max().unwrap_or(0);
+            let first = first_seq_after_pause(last);
             let rounds3 = 3 * vm.vcpu_count() as u64;
             let after = narrowest(
                 samples.iter().copied(),
-                |s| s.seq > last && s.seq <= last + rounds3,
+                |s| s.seq >= first && s.seq < first + rounds3,
                 |s| s.bracket_ns,
             );
+            // Which samples after: a caller waits for `end - 1` to have all of them.
+            compared = json!({ "first_seq": first, "end_seq": first + rounds3 });
             let before = if b.baseline.is_empty() {
                 &b.latest
             } else {
@@ -327,6 +331,7 @@ impl Vmm {
             "observation": now,
             "observed_errors": errors,
             "linux_errors": linux_errors,
+            "linux_errors_after_seqs": compared,
             "linux_recent_samples": recent,
             "vmclock_disruption_marker": marker,
             "vmclock": page,

@@ -519,11 +519,14 @@ fn kvm_pvm_refuses_a_linux_guest_and_says_why() {
     );
 }
 
-/// The last sample's sequence number of vCPU 0 (every vCPU samples in each round).
-fn last_seq(c: &Value) -> u64 {
-    c["observation"]["linux"]["latest"][0]["seq"]
+/// Wait until vm.clock's `linux_errors` had all the samples it compares after the disruption
+/// (the first three probe rounds read after it: its `linux_errors_after_seqs`).
+fn wait_compared(sock: &Path, serial: &Path) -> Value {
+    let c = api(sock, "GET", "vm.clock").unwrap();
+    let end = c["linux_errors_after_seqs"]["end_seq"]
         .as_u64()
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no samples compared after a disruption: {c}"));
+    wait_samples(sock, serial, end.saturating_sub(1))
 }
 
 /// What the guest's own clocks did across the disruption, checked against `skew_ns` (the
@@ -532,7 +535,10 @@ fn last_seq(c: &Value) -> u64 {
 /// (host time + skew: kvmclock is rebuilt from (K, W) and the destination's wallclock). The
 /// bound is the plugin's own read-back residual plus 100 µs for the mapping of samples taken
 /// under nested TCG (the probe's RDTSC bracket is microseconds there): a strategy that loses or
-/// gains the downtime (≥ 200 ms here) is far outside it.
+/// gains the downtime (≥ 200 ms here) is far outside it. The time figures are known only to
+/// the samples' RDTSC brackets (a vCPU exit inside one widens it: seen 139 µs on the first
+/// samples after a migration under the nested lane, with the TSC continuous to 31 ticks): each
+/// is checked within the bound plus that uncertainty, which must itself be below the bound.
 fn check_guest_clocks(c: &Value, skew_ns: i64) {
     let rep = &c["restore_report"];
     let bound = rep["kvmclock_error_ns"]
@@ -552,14 +558,29 @@ fn check_guest_clocks(c: &Value, skew_ns: i64) {
         eprintln!(
             "vCPU {}: CLOCK_REALTIME error moved {moved} ns (skew {skew_ns}); CLOCK_MONOTONIC \
              {mono} ns and TSC {tsc} ticks off the destination's timeline over {} ns of host \
-             time; bound {bound} ns",
-            e["vcpu"], e["host_elapsed_ns"]
+             time; bound {bound} ns, samples' half bracket {} ns",
+            e["vcpu"], e["host_elapsed_ns"], e["bracket_ns"]
+        );
+        // Both disruptions here keep the guest stopped for at least 200 ms: a shorter span
+        // means a sample read before the pause was taken for one read after it.
+        assert!(
+            e["host_elapsed_ns"].as_i64().unwrap() >= 200_000_000,
+            "the samples compared do not straddle the pause: {e}"
+        );
+        // Two samples, each placed in host time to ± its half bracket (the wider of the two).
+        let uncertainty = 2 * e["bracket_ns"].as_u64().unwrap();
+        assert!(
+            uncertainty <= bound,
+            "the samples' RDTSC brackets (± {uncertainty} ns) cannot resolve the bound: {e}"
         );
         assert!(
-            (moved - skew_ns).unsigned_abs() <= bound,
+            (moved - skew_ns).unsigned_abs() <= bound + uncertainty,
             "CLOCK_REALTIME: {e}"
         );
-        assert!(mono.unsigned_abs() <= bound, "CLOCK_MONOTONIC: {e}");
+        assert!(
+            mono.unsigned_abs() <= bound + uncertainty,
+            "CLOCK_MONOTONIC: {e}"
+        );
         assert!(
             tsc.unsigned_abs() <= bound.saturating_mul(khz) / 1_000_000,
             "TSC continuity: {e}"
@@ -586,7 +607,7 @@ fn linux_live_update_into_a_new_process_keeps_the_guest_clocks() {
         }
     };
     let (a, dir, sock, serial, _) = boot_sampled(&k, "update", &[]);
-    let before = wait_samples(&sock, &serial, 3);
+    wait_samples(&sock, &serial, 3);
     let snap = format!("file://{}", dir.0.join("snap").display());
     api_with(
         &sock,
@@ -608,7 +629,7 @@ fn linux_live_update_into_a_new_process_keeps_the_guest_clocks() {
     .unwrap();
     eprintln!("restore report: {}", r["restore_report"]);
     assert_eq!(r["restore_report"]["mode"], "live-update");
-    let c = wait_samples(&b_sock, &serial, last_seq(&before) + 3);
+    let c = wait_compared(&b_sock, &serial);
     check_guest_clocks(&c, 0);
     assert!(
         c["restore_report"]["signalled"]["guest_stopped_vcpus"]
@@ -635,7 +656,7 @@ fn linux_live_migration_follows_the_destination_wallclock_and_signals() {
     };
     const SKEW_NS: i64 = 250_000;
     let (_a, dir, sock, serial, _) = boot_sampled(&k, "migrate", &[]);
-    let before = wait_samples(&sock, &serial, 3);
+    wait_samples(&sock, &serial, 3);
     let b_sock = dir.0.join("b.sock");
     let _b = empty_vmm(&b_sock);
     let m_sock = dir.0.join("m.sock");
@@ -661,7 +682,7 @@ fn linux_live_migration_follows_the_destination_wallclock_and_signals() {
     )
     .unwrap();
     recv.join().unwrap().unwrap();
-    let c = wait_samples(&b_sock, &serial, last_seq(&before) + 3);
+    let c = wait_compared(&b_sock, &serial);
     eprintln!("restore report: {}", c["restore_report"]);
     assert_eq!(c["restore_report"]["mode"], "live-migration");
     check_guest_clocks(&c, SKEW_NS);

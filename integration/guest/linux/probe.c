@@ -15,7 +15,11 @@
  *
  * One "s" line per online vCPU per period (the probe pins itself to each vCPU in turn with
  * sched_setaffinity; T0/T1 are RDTSC immediately before and after the three clock_gettime
- * calls, all in decimal). The host maps (T0+T1)/2 to host time through the vCPU's TSC offset.
+ * calls, all in decimal; of 5 back-to-back tries, the one with the narrowest [T0, T1]). The
+ * host maps (T0+T1)/2 to host time through the vCPU's TSC offset. Before each sample the probe
+ * waits until its earlier output is transmitted (tcdrain): when a pause finds the VMM has
+ * parsed samples up to Q, sample Q+1 may have been read before the pause (its line still in
+ * the guest's tty buffer) and Q+2 on were read after the guest ran again.
  *
  * Where a PTP clock named vmclock* exists (Linux's ptp_vmclock bound to the VMM's vmclock
  * device), each "s" sample is followed, on the same vCPU, by one PTP_SYS_OFFSET_EXTENDED of
@@ -43,6 +47,7 @@
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <termios.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -205,6 +210,34 @@ static int find_vmclock_phc(char *dev, size_t devlen, char *why, size_t whylen)
     return fd;
 }
 
+/* The three clocks between two RDTSCs: of CLOCK_TRIES back-to-back tries, the one with the
+ * narrowest bracket [t0, t1]. A vCPU exit inside a bracket (the first touch of a page after a
+ * restore into a new process, a timer interrupt) widens it by the exit's length, and the host
+ * can place the clock readings only within the bracket: the retries make one exit cost a try,
+ * not the sample. */
+#define CLOCK_TRIES 5
+static void read_clocks(struct timespec *rt, struct timespec *mono, struct timespec *boot,
+                        uint64_t *t0, uint64_t *t1)
+{
+    uint64_t best = UINT64_MAX;
+    for (int i = 0; i < CLOCK_TRIES; i++) {
+        struct timespec r, m, b;
+        uint64_t a = rdtsc();
+        clock_gettime(CLOCK_REALTIME, &r);
+        clock_gettime(CLOCK_MONOTONIC, &m);
+        clock_gettime(CLOCK_BOOTTIME, &b);
+        uint64_t z = rdtsc();
+        if (z - a < best) {
+            best = z - a;
+            *rt = r;
+            *mono = m;
+            *boot = b;
+            *t0 = a;
+            *t1 = z;
+        }
+    }
+}
+
 static int64_t pct_ns(const struct ptp_clock_time *t)
 {
     return (int64_t)t->sec * 1000000000ll + (int64_t)t->nsec;
@@ -308,12 +341,13 @@ int main(void)
             CPU_SET(c, &set);
             if (sched_setaffinity(0, sizeof(set), &set) != 0)
                 continue;
+            /* Everything printed so far is on the wire before the clocks are read: a sample
+             * whose line the VMM had not parsed at a pause is then at most the one in flight. */
+            fflush(stdout);
+            tcdrain(STDOUT_FILENO);
             struct timespec rt, mono, boot;
-            uint64_t t0 = rdtsc();
-            clock_gettime(CLOCK_REALTIME, &rt);
-            clock_gettime(CLOCK_MONOTONIC, &mono);
-            clock_gettime(CLOCK_BOOTTIME, &boot);
-            uint64_t t1 = rdtsc();
+            uint64_t t0, t1;
+            read_clocks(&rt, &mono, &boot, &t0, &t1);
             /* The PHC right after the clocks, before the (slow, trapping) console output. */
             char phc_line[384] = "";
             if (phc >= 0)

@@ -14,7 +14,9 @@
 //! - TSC error = guest TSC advance − that time × the guest's TSC rate, ticks (0: continuous);
 //!
 //!   per vCPU the samples compared are the narrowest (smallest RDTSC bracket) of the last two
-//!   probe rounds before the pause and of the first rounds after the landing: a vCPU exit
+//!   probe rounds before the pause and of the first rounds read after the landing (never the
+//!   one sample whose line was still in the guest's tty at the pause:
+//!   [`first_seq_after_pause`]): a vCPU exit
 //!   inside a sample's bracket (seen: 32 µs under the nested lane) makes its host time that
 //!   uncertain, and the row's `bracket_ns` is the widest bracket left;
 //! - the kernel's complaints about time (watchdog, soft lockup, "time went backwards");
@@ -43,7 +45,9 @@ use serde::Serialize;
 use vm_migration::Snapshot;
 
 use super::strategies::Strategy;
-use crate::vm::linux::measure::{disruption, narrowest, LinuxPhcSample, LinuxSample};
+use crate::vm::linux::measure::{
+    disruption, first_seq_after_pause, narrowest, LinuxPhcSample, LinuxSample,
+};
 use crate::vm::linux::state::MachineState;
 use crate::vm::linux::{LinuxConfig, LinuxObservation};
 use crate::vm::{Vm, VmConfig};
@@ -414,11 +418,12 @@ fn hop(
     };
     dst.start().map_err(|e| e.to_string())?;
     let g = Guest { vm: dst, clock };
-    // Two whole probe rounds after the first sample past the hop: the guest's vmclock view
-    // (printed once a round) is then one it read after the restore.
-    let min_seq = last + 1 + 2 * n;
+    // Two whole probe rounds after the first sample read past the hop: the guest's vmclock
+    // view (printed once a round) is then one it read after the restore.
+    let first = first_seq_after_pause(last);
+    let min_seq = first + 2 * n;
     let after = wait_samples(&g, min_seq)?;
-    let landed = |seq: u64| seq > last && seq <= min_seq;
+    let landed = |seq: u64| seq >= first && seq <= min_seq;
     let after_samples = narrowest(g.vm.linux_samples(), |s| landed(s.seq), |s| s.bracket_ns);
     let after_phc = narrowest(
         g.vm.linux_phc_samples(),

@@ -194,6 +194,17 @@ pub fn map_phc(
     }
 }
 
+/// The first probe sample whose clocks were read after a pause at which the VMM had parsed the
+/// guest's samples up to sequence number `last_parsed`.
+///
+/// first = `last_parsed` + 2: the probe drains its console output before each reading (see
+/// `guest/linux/probe.c`), so at most one sample, `last_parsed` + 1, was read before the pause
+/// with its line not yet out (a restored guest's tty then prints it from the destination, where
+/// its TSC maps through the new offsets as if read after the landing: it must not count).
+pub fn first_seq_after_pause(last_parsed: u64) -> u64 {
+    last_parsed.saturating_add(2)
+}
+
 /// Per vCPU, the item with the smallest `key` among those `keep` accepts (the sample with the
 /// narrowest RDTSC bracket, say: a vCPU exit inside a sample's bracket makes its host time
 /// uncertain by as much), sorted by vCPU.
