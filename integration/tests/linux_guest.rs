@@ -185,11 +185,11 @@ fn wait_samples(sock: &Path, serial: &Path, min_seq: u64) -> Value {
 const BOOT_ATTEMPTS: u32 = 3;
 
 /// Boot and wait for the first samples. A boot whose console goes silent for 120 s before the
-/// probe reported is retried (up to [`BOOT_ATTEMPTS`] boots), said on stderr with the stalled
-/// console: under the nested lane 4 of 12 boots deadlocked (CPU 0 spinning in a second
-/// delivery of the serial interrupt, with IF = 0: a nested-virtualization re-injection, see
-/// `vm::linux::prefault`); 1 of 30 since clockvmm pre-faults guest RAM.
-/// Waits after a restore are never retried.
+/// probe reported is retried (up to [`BOOT_ATTEMPTS`] boots), with the stalled console printed:
+/// under the nested lane a guest kernel boot (before any snapshot, restore or clock operation
+/// of this project) stalls after its `mousedev` initcall in about 1 of 10 boots, twice in a row
+/// once; not a lost UART interrupt (the VMM's COM1 watch raised none). Waits after a restore
+/// are never retried.
 fn boot_sampled(k: &Path, tag: &str, extra: &[&str]) -> (Proc, Dir, PathBuf, PathBuf, Value) {
     let mut attempt = 0;
     loop {
@@ -227,10 +227,6 @@ fn linux_boots_runs_the_probe_and_survives_pause_resume() {
         serde_json::to_string(&linux["latest"]).unwrap()
     );
     assert_eq!(linux["clocksource"], "kvm-clock", "{linux}");
-    // KVM_PRE_FAULT_MEMORY (Linux 6.10+) mapped all 256 MiB before the first KVM_RUN.
-    if host_kernel_at_least(6, 10) {
-        assert_eq!(linux["ram_prefaulted_bytes"], 256u64 << 20, "{linux}");
-    }
     let console = std::fs::read_to_string(&serial).unwrap();
     assert!(
         console.contains("Linux version"),
@@ -521,16 +517,6 @@ fn kvm_pvm_refuses_a_linux_guest_and_says_why() {
         err.contains("kvm_pvm") && err.contains("stock Linux"),
         "{err}"
     );
-}
-
-/// The host kernel's release is `major.minor` or later.
-fn host_kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
 
 /// Wait until vm.clock's `linux_errors` had all the samples it compares after the disruption

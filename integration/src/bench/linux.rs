@@ -282,10 +282,10 @@ fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Guest, String> {
 /// Boot attempts before the bench gives up on a guest that stalls in its own boot.
 const BOOT_ATTEMPTS: u32 = 3;
 
-/// Boot and wait for the first samples; a boot that stalls before the probe reported is
-/// retried, up to [`BOOT_ATTEMPTS`] boots, each retry said on stderr (the nested lane's boot
-/// deadlock, an interrupt re-injected inside its own handler, is rarer with guest RAM
-/// pre-faulted, `vm::linux::prefault`, but not gone: 1 boot in 30).
+/// Boot and wait for the first samples; a boot that stalls before the probe reported (seen
+/// under the nested lane in about 1 of 10 boots, twice in a row once, before any clock
+/// operation; not a lost UART interrupt) is retried, up to [`BOOT_ATTEMPTS`] boots, each retry
+/// said on stderr.
 fn boot_sampled(
     cfg: &LinuxBenchConfig,
     invariant_tsc: bool,

@@ -12,7 +12,6 @@ pub mod cpuid;
 pub mod initramfs;
 pub mod layout;
 pub mod measure;
-pub mod prefault;
 pub mod probe;
 pub mod serial;
 pub mod state;
@@ -92,9 +91,6 @@ pub struct LinuxDevices {
     /// Per vCPU, the MSRs a restore writes after the plugin ([`state::MsrPhase::AfterClock`]);
     /// written by the VM's start.
     pub late_msrs: Mutex<Vec<state::MsrList>>,
-    /// Guest RAM mapped into KVM's stage-2 tables before the first KVM_RUN (see
-    /// [`prefault`]); None: this KVM cannot (no KVM_PRE_FAULT_MEMORY).
-    pub ram_prefaulted_bytes: Option<u64>,
 }
 
 /// The Linux guest's clocks as the probe reported them, mapped to host time.
@@ -139,10 +135,6 @@ pub struct LinuxObservation {
     /// [`serial::IrqWatch`]; a count above 0 is a lost edge the watch recovered).
     #[serde(default)]
     pub com1_interrupts_reraised: u64,
-    /// Guest RAM pre-faulted into KVM's stage-2 tables at creation (see [`prefault`]);
-    /// None: this KVM has no KVM_PRE_FAULT_MEMORY.
-    #[serde(default)]
-    pub ram_prefaulted_bytes: Option<u64>,
 }
 
 impl LinuxDevices {
@@ -270,7 +262,6 @@ impl LinuxDevices {
             stopped: lock(&self.stopped).clone(),
             modules: log.modules.clone(),
             com1_interrupts_reraised: lock(&self.irq_watch).reraised,
-            ram_prefaulted_bytes: self.ram_prefaulted_bytes,
             phc_device: log.phc_device.clone(),
             phc_unavailable: log.phc_unavailable.clone(),
             phc_errors: log.phc_errors.clone(),
@@ -406,7 +397,6 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
         },
     )?;
     let mut vcpus = Vec::with_capacity(cfg.vcpus);
-    let mut prefaulted = None;
     for id in 0..cfg.vcpus {
         let v = vm
             .create_vcpu(id as u64)
@@ -417,13 +407,6 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
         boot::setup_lint(&v)?;
         if id == 0 {
             boot::setup_boot_vcpu(&v, loaded.entry)?;
-            // Before the guest's first instruction (see `prefault` for the deadlock it avoids).
-            prefaulted = match prefault::prefault(&vm, &v, &mem)
-                .map_err(|e| kvm_err("KVM_PRE_FAULT_MEMORY", e))?
-            {
-                prefault::Prefault::Done { bytes } => Some(bytes),
-                prefault::Prefault::Unsupported => None,
-            };
         }
         vcpus.push(Arc::new(Mutex::new(v)));
     }
@@ -451,7 +434,6 @@ pub fn create(cfg: &VmConfig, lc: &LinuxConfig) -> Result<LinuxParts, VmError> {
             uart_accesses: std::sync::atomic::AtomicU64::new(0),
             irq_watch: Mutex::new(serial::IrqWatch::default()),
             late_msrs: Mutex::new(Vec::new()),
-            ram_prefaulted_bytes: prefaulted,
         }),
     })
 }
