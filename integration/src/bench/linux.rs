@@ -282,10 +282,10 @@ fn boot(cfg: &LinuxBenchConfig, invariant_tsc: bool) -> Result<Guest, String> {
 /// Boot attempts before the bench gives up on a guest that stalls in its own boot.
 const BOOT_ATTEMPTS: u32 = 3;
 
-/// Boot and wait for the first samples; a boot that stalls before the probe reported (seen
-/// under the nested lane in about 1 of 10 boots, twice in a row once, before any clock
-/// operation; not a lost UART interrupt) is retried, up to [`BOOT_ATTEMPTS`] boots, each retry
-/// said on stderr.
+/// Boot and wait for the first samples; a boot that stalls before the probe reported is
+/// retried, up to [`BOOT_ATTEMPTS`] boots, each retry said on stderr (under the nested lane
+/// with 2 L1 vCPUs QEMU's TCG SVM delivered an interrupt twice and deadlocked 4 of 12 boots;
+/// `integration/nested/run` gives the L1 one vCPU).
 fn boot_sampled(
     cfg: &LinuxBenchConfig,
     invariant_tsc: bool,
