@@ -533,7 +533,8 @@ fn wait_compared(sock: &Path, serial: &Path) -> Value {
 /// the skew, CLOCK_MONOTONIC and the TSC counted the downtime on the destination's timeline
 /// (host time + skew: kvmclock is rebuilt from (K, W) and the destination's wallclock). The
 /// bound is the plugin's own read-back residual plus 100 µs for the mapping of samples taken
-/// under nested TCG (the probe's RDTSC bracket is microseconds there): a strategy that loses or
+/// under nested TCG (a sample's RDTSC bracket is ~100 ns there, but microseconds and more when
+/// a vCPU exit falls inside it): a strategy that loses or
 /// gains the downtime (≥ 200 ms here) is far outside it. The time figures are known only to
 /// the samples' RDTSC brackets (a vCPU exit inside one widens it: seen 139 µs on the first
 /// samples after a migration under the nested lane, with the TSC continuous to 31 ticks): each
