@@ -532,20 +532,21 @@ fn wait_compared(sock: &Path, serial: &Path) -> Value {
 /// destination's injected wallclock skew; 0 for a live update): CLOCK_REALTIME's error moved by
 /// the skew, CLOCK_MONOTONIC and the TSC counted the downtime on the destination's timeline
 /// (host time + skew: kvmclock is rebuilt from (K, W) and the destination's wallclock). The
-/// bound is the plugin's own read-back residual plus 100 µs for the mapping of samples taken
-/// under nested TCG (a sample's RDTSC bracket is ~100 ns there, but microseconds and more when
-/// a vCPU exit falls inside it): a strategy that loses or
-/// gains the downtime (≥ 200 ms here) is far outside it. The time figures are known only to
-/// the samples' RDTSC brackets (a vCPU exit inside one widens it: seen 139 µs on the first
-/// samples after a migration under the nested lane, with the TSC continuous to 31 ticks): each
-/// is checked within the bound plus that uncertainty, which must itself be below the bound.
+/// bound is the plugin's own read-back residual plus 20 µs, ten times the live-update target
+/// (the nested lane's figures are −130..67 ns): a strategy that loses or gains the downtime
+/// (≥ 200 ms here) is far outside it; a µs-level error such as the kernel-docs offsets' (4–5
+/// µs) is inside: comparing those is the bench's job. The time
+/// figures are known only to the samples' RDTSC brackets (~100 ns under the nested lane; a
+/// vCPU exit inside one widens it: seen 139 µs on the first samples after a migration, with the
+/// TSC continuous to 31 ticks, before the probe kept the narrowest of 5 reads): each is
+/// checked within the bound plus that uncertainty, which must itself be below the bound.
 fn check_guest_clocks(c: &Value, skew_ns: i64) {
     let rep = &c["restore_report"];
     let bound = rep["kvmclock_error_ns"]
         .as_i64()
         .unwrap_or(0)
         .unsigned_abs()
-        + 100_000;
+        + 20_000;
     let khz = c["tsc_khz"].as_u64().unwrap();
     let errors = c["linux_errors"].as_array().unwrap();
     assert_eq!(errors.len(), 2, "both vCPUs sampled across: {c}");
