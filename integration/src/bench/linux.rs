@@ -324,6 +324,8 @@ struct Figures {
     monotonic_ns: i64,
     tsc_ticks: i64,
     elapsed_ns: i64,
+    /// The widest `LinuxDisruption::bracket_ns` of the vCPUs compared.
+    bracket_ns: Option<u64>,
 }
 
 fn figures(before: &[LinuxSample], after: &[LinuxSample], khz: u32, skew_ns: i64) -> Figures {
@@ -339,6 +341,7 @@ fn figures(before: &[LinuxSample], after: &[LinuxSample], khz: u32, skew_ns: i64
         monotonic_ns: 0,
         tsc_ticks: 0,
         elapsed_ns: 0,
+        bracket_ns: None,
     };
     for a in after {
         if let Some(b) = before.iter().find(|b| b.vcpu == a.vcpu) {
@@ -349,6 +352,7 @@ fn figures(before: &[LinuxSample], after: &[LinuxSample], khz: u32, skew_ns: i64
             f.monotonic_ns = worst(f.monotonic_ns, d.monotonic_error_ns - skew_ns);
             f.tsc_ticks = worst(f.tsc_ticks, d.tsc_error_ticks - skew_ticks);
             f.elapsed_ns = f.elapsed_ns.max(d.host_elapsed_ns);
+            f.bracket_ns = f.bracket_ns.max(Some(d.bracket_ns));
         }
     }
     f
@@ -432,11 +436,7 @@ fn hop(
     );
     let khz = g.vm.guest_tsc_khz();
     let f = figures(&before_samples, &after_samples, khz, skew);
-    row.bracket_ns = before_samples
-        .iter()
-        .chain(&after_samples)
-        .map(|s| s.bracket_ns)
-        .max();
+    row.bracket_ns = f.bracket_ns;
     row.realtime_error_ns = Some(f.realtime_ns);
     row.monotonic_error_ns = Some(f.monotonic_ns);
     row.tsc_error_ticks = Some(f.tsc_ticks);
